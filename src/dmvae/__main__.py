@@ -1,0 +1,5 @@
+import sys
+
+from dmvae.cli import main
+
+sys.exit(main())

@@ -1,0 +1,138 @@
+"""``dmvae info``: architecture, parameter counts and latent shape, without downloading weights."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "info",
+        help="describe a preset or a saved model (no download)",
+        description="SRC is an autoencoder preset (dmvae-l, dmvae-b, ...), a LatentDiT model name "
+        "(LightningDiT-XL/1, ...) or a directory holding our config.json. The model is built on "
+        "the meta device, so nothing is allocated or downloaded.",
+    )
+    p.add_argument("source", help="preset, model name or directory")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=run)
+
+
+def _count(module: Any) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _describe_autoencoder(config: Any, label: str) -> dict[str, Any]:
+    import torch
+
+    from dmvae.autoencoder import DMVAE
+
+    with torch.device("meta"):
+        model = DMVAE(config)
+    p = config.patch_size
+    h = w = config.image_size // p
+    enc = model.encoder.model
+    return {
+        "model": "DMVAE",
+        "source": label,
+        "config": config.to_dict(),
+        "parameters": {
+            "encoder": _count(model.encoder),
+            "bottleneck": _count(model.bottle_neck),
+            "decoder": _count(model.decoder),
+            "total": _count(model),
+        },
+        "encoder": {
+            "timm_model": config.encoder,
+            "embed_dim": int(getattr(enc, "embed_dim", 0)),
+            "depth": len(getattr(enc, "blocks", [])),
+            "patch_size": p,
+        },
+        "image_shape": [3, config.image_size, config.image_size],
+        "latent_shape": [config.z_channels, h, w],
+        "compression": (3 * config.image_size**2) / (config.z_channels * h * w),
+        "latent_normalisation": f"(z - {config.latent_mean}) * {config.latent_scale}",
+    }
+
+
+def _describe_dit(config: Any, label: str) -> dict[str, Any]:
+    import torch
+
+    from dmvae.dit import LatentDiT
+
+    with torch.device("meta"):
+        model = LatentDiT(config)
+    tokens = (config.input_size // config.patch_size) ** 2
+    return {
+        "model": "LatentDiT",
+        "source": label,
+        "config": config.to_dict(),
+        "parameters": {"total": _count(model)},
+        "latent_shape": [config.in_channels, config.input_size, config.input_size],
+        "tokens": tokens,
+        "head_dim": config.hidden_size // config.num_heads,
+    }
+
+
+def describe(source: str) -> dict[str, Any]:
+    from dmvae.autoencoder import DMVAEConfig, list_presets
+
+    if source in list_presets():
+        return _describe_autoencoder(DMVAEConfig.from_preset(source), f"preset {source}")
+    try:
+        from dmvae.dit import LatentDiTConfig, list_models
+    except ImportError:  # pragma: no cover - during partial installs only
+        list_models = lambda: []  # noqa: E731
+    if source in list_models():
+        return _describe_dit(LatentDiTConfig.from_preset(source), f"model {source}")
+    path = Path(source)
+    cfg_file = path / "config.json" if path.is_dir() else path
+    if cfg_file.is_file() and cfg_file.suffix == ".json":
+        data = json.loads(cfg_file.read_text())
+        kind = data.get("_class_name", "DMVAEConfig")
+        if kind in ("LatentDiT", "LatentDiTConfig"):
+            from dmvae.dit import LatentDiTConfig
+
+            return _describe_dit(LatentDiTConfig.from_dict(data), str(path))
+        return _describe_autoencoder(DMVAEConfig.from_dict(data), str(path))
+    known = [*list_presets(), *list_models()]
+    raise ValueError(
+        f"{source!r} is neither a known preset/model ({', '.join(known)}) nor a directory with a "
+        "config.json"
+    )
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.1f}M ({n:,})"
+
+
+def run(args: argparse.Namespace) -> int:
+    info = describe(args.source)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['model']} — {info['source']}")
+    if info["model"] == "DMVAE":
+        c, e, n = info["config"], info["encoder"], info["parameters"]
+        print(f"  encoder     {e['timm_model']} (dim {e['embed_dim']}, depth {e['depth']}, "
+              f"patch {e['patch_size']}): {_millions(n['encoder'])}")
+        print(f"  bottleneck  MLP {e['embed_dim']} -> {c['bottleneck_dim']} -> {c['z_channels']}: "
+              f"{_millions(n['bottleneck'])}")
+        print(f"  decoder     conv, channels {c['decoder_channels']} x {tuple(c['decoder_channel_mult'])}, "
+              f"{c['decoder_num_res_blocks']} res blocks: {_millions(n['decoder'])}")
+        print(f"  total       {_millions(n['total'])} parameters")
+        print(f"  image       {'x'.join(map(str, info['image_shape']))} in [-1, 1]")
+        print(f"  latent      {'x'.join(map(str, info['latent_shape']))} "
+              f"(compression {info['compression']:.0f}x)")
+        print(f"  normalised  {info['latent_normalisation']}")
+    else:
+        c = info["config"]
+        print(f"  transformer depth {c['depth']}, width {c['hidden_size']}, heads {c['num_heads']} "
+              f"(head dim {info['head_dim']}), patch {c['patch_size']}")
+        print(f"  latent      {'x'.join(map(str, info['latent_shape']))} -> {info['tokens']} tokens")
+        print(f"  classes     {c['num_classes']} (+ null class {c['num_classes']})")
+        print(f"  total       {_millions(info['parameters']['total'])} parameters")
+    return 0

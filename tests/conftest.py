@@ -1,0 +1,40 @@
+"""Shared test fixtures: paths to the upstream golden files and small helpers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fixtures_dir() -> Path:
+    env = os.environ.get("DMVAE_FIXTURES")
+    if env:
+        return Path(env)
+    return REPO_ROOT.parent / "shared" / "fixtures" / "upstream"
+
+
+FIXTURES = _fixtures_dir()
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    """``shared/fixtures/upstream``; parity tests must not silently skip in CI."""
+    if not FIXTURES.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"upstream fixtures not found at {FIXTURES} (set DMVAE_FIXTURES)")
+        pytest.skip(f"upstream fixtures not found at {FIXTURES} (set DMVAE_FIXTURES)")
+    return FIXTURES
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_seed() -> None:
+    torch.manual_seed(0)
+
+
+def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
