@@ -1,0 +1,451 @@
+"""LatentDiT: the LightningDiT latent diffusion transformer, compatible with the released checkpoints.
+
+The network predicts the flow-matching velocity ``v = x1 - x0`` of the linear path
+``x_t = t * x1 + (1 - t) * x0`` with **t = 1 at the data and t = 0 at the noise** (the reference's
+convention, the reverse of the paper's; see :mod:`dmvae.transport`). It is used three times in
+DMVAE: as the frozen "real" score model, as the trainable "fake" score model of the
+distribution-matching loss, and as the downstream class-conditional generator.
+
+Architecture (reference ``LightningDiT``): patch embedding, fixed 2-D sin-cos position embedding
+*plus* 2-D RoPE, ``depth`` adaLN-Zero blocks (RMSNorm, QK-RMSNorm attention, SwiGLU), an adaLN final
+layer and unpatchify. Conditioning ``c = t_emb(t) + y_emb(y)`` with t in [0, 1] used as is.
+
+Quickstart::
+
+    from dmvae.dit import create_model, LatentDiT
+    model = create_model("LightningDiT-XL/1", input_size=16, in_channels=32)
+    model = LatentDiT.from_pretrained("ep800.pt", config="LightningDiT-XL/1")  # EMA weights
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from einops import rearrange
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from dmvae._config import ConfigMixin
+from dmvae.hub import CheckpointError, HubMixin
+from dmvae.layers import (
+    Attention,
+    LabelEmbedder,
+    Mlp,
+    PatchEmbed,
+    RMSNorm,
+    SwiGLU,
+    TimestepEmbedder,
+    VisionRoPE,
+    modulate,
+    sincos_pos_embed_2d,
+)
+from dmvae.transport import apply_guidance
+
+__all__ = ["LatentDiT", "LatentDiTConfig", "create_model", "list_models"]
+
+
+# ################################################################################################
+#                                        configuration
+# ################################################################################################
+
+
+@dataclass
+class LatentDiTConfig(ConfigMixin):
+    """LightningDiT hyper-parameters, under the reference constructor's names.
+
+    The defaults are the reference constructor's (XL/2 over a 32x32x32 latent); the released DMVAE
+    generator is ``LatentDiTConfig.from_preset("LightningDiT-XL/1")`` (input 16, 32 channels).
+    """
+
+    input_size: int = 32  # latent height = width (tokens per side = input_size / patch_size)
+    patch_size: int = 2  # the "/N" of the preset names
+    in_channels: int = 32  # latent channels (the DMVAE release: z_channels = 32)
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0  # feed-forward width = mlp_ratio * hidden (x 2/3 for SwiGLU)
+    class_dropout_prob: float = 0.1  # label dropout in train mode; > 0 adds the null class row
+    num_classes: int = 1000  # null / unconditional label id = num_classes
+    learn_sigma: bool = False  # doubles the output channels; forward returns the velocity half only
+    use_qknorm: bool = True  # normalise q and k per head before RoPE
+    use_swiglu: bool = True  # SwiGLU (w12, w3) instead of a GELU-tanh MLP (fc1, fc2)
+    use_rope: bool = True  # 2-D RoPE in attention, on top of the fixed sin-cos pos_embed
+    use_rmsnorm: bool = True  # RMSNorm (with weight) instead of LayerNorm without affine
+    wo_shift: bool = False  # adaLN without the shift terms in the blocks (scale and gate only)
+    use_checkpoint: bool = False  # activation checkpointing of the blocks in train mode
+
+    def __post_init__(self) -> None:
+        for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads",
+                     "num_classes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"LatentDiTConfig.{name} must be a positive int, got {value!r}")
+        if self.input_size % self.patch_size:
+            raise ValueError(
+                f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        if self.use_rope and self.head_dim % 4:
+            raise ValueError(f"RoPE needs head_dim divisible by 4, got {self.head_dim}")
+        if self.hidden_size % 4:
+            raise ValueError(f"hidden_size must be divisible by 4, got {self.hidden_size}")
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def grid_size(self) -> int:
+        return self.input_size // self.patch_size
+
+    @property
+    def mlp_hidden(self) -> int:
+        hidden = int(self.hidden_size * self.mlp_ratio)
+        return int(2 / 3 * hidden) if self.use_swiglu else hidden
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> LatentDiTConfig:
+        """The config of a named preset (see :func:`list_models`) with fields overridden."""
+        if name not in _PRESETS:
+            raise ValueError(f"unknown LatentDiT preset {name!r}; known presets: {list_models()}")
+        return cls(**_PRESETS[name]).replace(**overrides)
+
+
+# (depth, hidden, heads) of the reference LightningDiT_models; "/N" is the patch size.
+_SIZES = {
+    "Mini": (6, 256, 4),
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+    "1p0B": (24, 1536, 24),
+    "1p6B": (28, 1792, 28),
+}
+_VARIANTS = {"Mini": (1,), "S": (1,), "B": (1, 2), "L": (1, 2), "XL": (1, 2), "1p0B": (1, 2),
+             "1p6B": (1, 2)}
+# Presets default to the DMVAE release latent (16x16x32); the reference class default is 32x32.
+_PRESETS: dict[str, dict[str, Any]] = {
+    f"LightningDiT-{size}/{p}": dict(
+        depth=_SIZES[size][0], hidden_size=_SIZES[size][1], num_heads=_SIZES[size][2], patch_size=p,
+        input_size=16, in_channels=32,
+    )
+    for size, patches in _VARIANTS.items()
+    for p in patches
+}
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`create_model`."""
+    return list(_PRESETS)
+
+
+def create_model(name: str, **overrides: Any) -> LatentDiT:
+    """Build a randomly initialised preset, e.g. ``create_model("LightningDiT-XL/1", num_classes=10)``.
+
+    Presets use the DMVAE release latent (``input_size=16, in_channels=32``) unless overridden.
+    """
+    return LatentDiT(LatentDiTConfig.from_preset(name, **overrides))
+
+
+# ################################################################################################
+#                                          core model
+# ################################################################################################
+
+
+class LatentDiTBlock(nn.Module):
+    """adaLN-Zero transformer block: ``x += g * attn(mod(norm1 x)); x += g * mlp(mod(norm2 x))``."""
+
+    def __init__(self, cfg: LatentDiTConfig) -> None:
+        super().__init__()
+        h = cfg.hidden_size
+        norm = (lambda: RMSNorm(h)) if cfg.use_rmsnorm else (
+            lambda: nn.LayerNorm(h, elementwise_affine=False, eps=1e-6))
+        self.norm1 = norm()
+        self.norm2 = norm()
+        self.attn = Attention(h, cfg.num_heads, qkv_bias=True, qk_norm=cfg.use_qknorm,
+                              use_rmsnorm=cfg.use_rmsnorm)
+        self.mlp: nn.Module = SwiGLU(h, cfg.mlp_hidden) if cfg.use_swiglu else Mlp(h, cfg.mlp_hidden)
+        self.wo_shift = cfg.wo_shift
+        n_mod = 4 if cfg.wo_shift else 6
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(h, n_mod * h))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, rope: VisionRoPE | None) -> torch.Tensor:
+        # x (B, N, D), c (B, D)
+        mod = self.adaLN_modulation(c)  # (B, 4D or 6D)
+        if self.wo_shift:
+            scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=1)
+            shift_msa = shift_mlp = None
+        else:
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x  # (B, N, D)
+
+
+class FinalLayer(nn.Module):
+    """norm -> adaLN (shift, scale) -> linear to p*p*out_channels per token."""
+
+    def __init__(self, cfg: LatentDiTConfig) -> None:
+        super().__init__()
+        h = cfg.hidden_size
+        self.norm_final = RMSNorm(h) if cfg.use_rmsnorm else nn.LayerNorm(
+            h, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(h, cfg.patch_size**2 * cfg.out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(h, 2 * h))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)  # (B, D) each
+        return self.linear(modulate(self.norm_final(x), shift, scale))  # (B, N, p*p*C)
+
+
+class LatentDiT(nn.Module, HubMixin):
+    """LightningDiT velocity model ``v(x_t, t, y)`` over latents (B, C, H, W).
+
+    ``forward(x, t, y)``: ``x`` (B, in_channels, input_size, input_size), ``t`` (B,) or scalar in
+    [0, 1] (t = 1 is data), ``y`` (B,) int labels in [0, num_classes] (``num_classes`` is the null
+    class). Returns the velocity, same shape as ``x``. In train mode labels are dropped to the null
+    class with probability ``class_dropout_prob`` (pass ``force_drop_ids`` to choose which).
+    """
+
+    config_class: ClassVar[type] = LatentDiTConfig
+    _reference_filenames: ClassVar[tuple[str, ...]] = ("ep800.pt", "ep400.pt", "ep64.pt")
+    _default_use_ema: ClassVar[bool] = True
+
+    def __init__(self, config: LatentDiTConfig | Mapping[str, Any] | str | None = None,
+                 **overrides: Any) -> None:
+        super().__init__()
+        cfg = LatentDiTConfig() if config is None else self._resolve_config(config)
+        if overrides:
+            cfg = cfg.replace(**overrides)
+        self.config = cfg
+        self.gradient_checkpointing = cfg.use_checkpoint
+
+        self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, cfg.hidden_size)
+        self.t_embedder = TimestepEmbedder(cfg.hidden_size)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.hidden_size, cfg.class_dropout_prob)
+        # fixed (not trained) but saved in the checkpoint, as in the reference
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.grid_size**2, cfg.hidden_size),
+                                      requires_grad=False)
+        self.feat_rope = VisionRoPE(cfg.head_dim // 2, cfg.grid_size) if cfg.use_rope else None
+        self.blocks = nn.ModuleList(LatentDiTBlock(cfg) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(cfg)
+        self.initialize_weights()
+
+    # ---- conveniences --------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
+    def null_class(self) -> int | None:
+        """Label id of the unconditional class, or None if the model has no null row."""
+        return self.config.num_classes if self.y_embedder.has_null else None
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> LatentDiT:
+        """Recompute block activations in the backward pass (train mode only); saves memory."""
+        self.gradient_checkpointing = enabled
+        return self
+
+    def disable_gradient_checkpointing(self) -> LatentDiT:
+        return self.enable_gradient_checkpointing(False)
+
+    # ---- init ----------------------------------------------------------------------------------
+    def initialize_weights(self) -> None:
+        """All custom initialisation (reference LightningDiT / DiT):
+
+        * every Linear: xavier-uniform weight, zero bias;
+        * patch embedding: xavier-uniform on the flattened conv kernel, zero bias;
+        * fixed 2-D sin-cos ``pos_embed``;
+        * label table and timestep MLP: N(0, 0.02);
+        * adaLN modulation of every block and of the final layer, and the final linear: zero
+          (adaLN-Zero: every block starts as the identity and the model outputs 0).
+        """
+        if self.pos_embed.is_meta:  # built on the meta device to receive a checkpoint: no values
+            return
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        pe = sincos_pos_embed_2d(self.config.hidden_size, self.config.grid_size)
+        self.pos_embed.data.copy_(pe.unsqueeze(0))
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for lin in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    # ---- input checks --------------------------------------------------------------------------
+    def _check_inputs(
+        self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor, check_time: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        if not isinstance(x, torch.Tensor) or x.ndim != 4:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be a (B, C, H, W) tensor, got {got}")
+        b, c, h, w = x.shape
+        expected = (cfg.in_channels, cfg.input_size, cfg.input_size)
+        if (c, h, w) != expected:
+            raise ValueError(
+                f"x must be (B, {expected[0]}, {expected[1]}, {expected[2]}) for this LatentDiT "
+                f"(in_channels={cfg.in_channels}, input_size={cfg.input_size}), got {tuple(x.shape)}"
+            )
+        t = torch.as_tensor(t, device=x.device)
+        if not t.is_floating_point():
+            t = t.float()
+        if t.ndim == 0:
+            t = t.expand(b)
+        if t.shape != (b,):
+            raise ValueError(f"t must be a scalar or have shape ({b},), got {tuple(t.shape)}")
+        if torch.isnan(t).any() or (check_time and ((t < 0).any() or (t > 1).any())):
+            raise ValueError(
+                f"t must lie in [0, 1] (t = 0 noise, t = 1 data), got min {t.min().item():.4g}, "
+                f"max {t.max().item():.4g}"
+            )
+        y = torch.as_tensor(y, device=x.device)
+        if y.is_floating_point() or y.dtype == torch.bool:
+            raise ValueError(f"y must hold integer class labels, got dtype {y.dtype}")
+        if y.shape != (b,):
+            raise ValueError(f"y must have shape ({b},), got {tuple(y.shape)}")
+        top = cfg.num_classes if self.y_embedder.has_null else cfg.num_classes - 1
+        if b and ((y < 0).any() or (y > top).any()):
+            null = f" ({cfg.num_classes} = null class)" if self.y_embedder.has_null else ""
+            raise ValueError(
+                f"labels must lie in [0, {top}]{null}, got min {y.min().item()}, max {y.max().item()}"
+            )
+        return t, y
+
+    # ---- forward -------------------------------------------------------------------------------
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, p*p*C) -> (B, C, H, W). With p = 1 the result is a view with NHWC strides, like
+        the reference (it changes the summation order of later reductions by at most an ulp)."""
+        p, g = self.config.patch_size, self.config.grid_size
+        return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=g, w=g, p=p, q=p)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float,
+        y: torch.Tensor,
+        *,
+        force_drop_ids: torch.Tensor | None = None,
+        check_time: bool = True,
+    ) -> torch.Tensor:
+        """Velocity ``v(x_t, t, y)``; see the class docstring. ``force_drop_ids`` (B,) bool/int:
+        rows to replace by the null class, in any mode (no random draw then). ``check_time=False``
+        allows t outside [0, 1] (adaptive ODE solvers probe past t = 1 and interpolate back)."""
+        if not torch.compiler.is_compiling():
+            t, y = self._check_inputs(x, t, y, check_time)
+        x = self.x_embedder(x) + self.pos_embed  # (B, N, D)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (B, D)
+        use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for block in self.blocks:
+            if use_ckpt:
+                x = checkpoint(block, x, c, self.feat_rope, use_reentrant=False)
+            else:
+                x = block(x, c, self.feat_rope)  # (B, N, D)
+        x = self.final_layer(x, c)  # (B, N, p*p*C_out)
+        x = self.unpatchify(x)  # (B, C_out, H, W)
+        if self.config.learn_sigma:
+            x = x[:, : self.config.in_channels]
+        return x
+
+    def forward_with_cfg(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float,
+        y: torch.Tensor,
+        cfg_scale: float,
+        *,
+        cfg_interval: tuple[float, float] | None = None,
+        guidance_channels: int | None = None,
+    ) -> torch.Tensor:
+        """Classifier-free guidance on the reference's doubled batch.
+
+        ``x`` (2B, ...) with ``y = [cond; null]``: only ``x[:B]`` is read (and duplicated), one
+        forward runs on the doubled batch, and ``u + s * (c - u)`` is returned in BOTH halves.
+
+        * ``guidance_channels=None`` guides every channel. An int ``k`` guides only channels ``[:k]``
+          (``3`` is the reference's legacy default, a DiT quirk); the other channels pass through
+          per row (conditional output in the first half, unconditional in the second).
+        * ``cfg_interval=(lo, hi)``: guidance only where ``lo <= t <= hi`` (per conditional row);
+          elsewhere both halves carry the conditional output. ``(start, 1.0)`` reproduces the
+          reference's ``cfg_interval_start`` rule (unguided iff ``t < start``, strict).
+        """
+        n = x.shape[0]
+        if n % 2:
+            raise ValueError(f"forward_with_cfg expects an even (doubled) batch, got {n} rows")
+        half = x[: n // 2]
+        out = self.forward(torch.cat([half, half], dim=0), t, y)  # (2B, C, H, W)
+        cond, uncond = out.chunk(2, dim=0)
+        t_cond = torch.as_tensor(t, device=x.device, dtype=torch.float32)
+        t_cond = t_cond.expand(n)[: n // 2] if t_cond.ndim == 0 else t_cond[: n // 2]
+        g_cond, g_uncond = apply_guidance(cond, uncond, cfg_scale, t_cond, cfg_interval=cfg_interval,
+                                          guidance_channels=guidance_channels)
+        return torch.cat([g_cond, g_uncond], dim=0)
+
+    # ---- hub -----------------------------------------------------------------------------------
+    @classmethod
+    def _select_reference_state_dict(
+        cls, ckpt: Any, use_ema: bool, source: str
+    ) -> dict[str, torch.Tensor]:
+        """``{"model": ..., "ema": ...}`` (the release ``ep*.pt``) -> the EMA or raw state dict; a
+        bare state dict is returned as is."""
+        if not isinstance(ckpt, Mapping):
+            raise CheckpointError(f"{source}: expected a dict, got {type(ckpt).__name__}")
+        if "ema" in ckpt or "model" in ckpt:
+            key = "ema" if use_ema else "model"
+            if key not in ckpt:
+                raise CheckpointError(
+                    f"{source} has no {key!r} weights (use_ema={use_ema}); top-level keys: "
+                    f"{sorted(map(str, ckpt))[:20]}"
+                )
+            sd = ckpt[key]
+        elif all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            sd = ckpt
+        else:
+            raise CheckpointError(
+                f"{source}: expected a LightningDiT checkpoint with 'ema'/'model' entries or a bare "
+                f"state dict; top-level keys: {sorted(map(str, ckpt))[:20]}"
+            )
+        if not isinstance(sd, Mapping):
+            raise CheckpointError(f"{source}: entry is a {type(sd).__name__}, not a state dict")
+        return {k: v for k, v in sd.items() if not str(k).startswith("_")}
+
+    @classmethod
+    def _resolve_config(cls, config: Any) -> LatentDiTConfig:
+        if isinstance(config, LatentDiTConfig):
+            return config
+        if isinstance(config, Mapping):
+            return LatentDiTConfig.from_dict(dict(config))
+        if isinstance(config, str):
+            return LatentDiTConfig.from_preset(config)
+        raise TypeError(
+            f"config must be a LatentDiTConfig, a dict or a preset name ({list_models()}), "
+            f"got {type(config).__name__}"
+        )
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"input_size={c.input_size}, patch_size={c.patch_size}, in_channels={c.in_channels}, "
+                f"hidden_size={c.hidden_size}, depth={c.depth}, num_heads={c.num_heads}")
+
