@@ -1,5 +1,58 @@
-"""dmvae: the Distribution-Matching VAE (arXiv 2512.07778) and the pieces around it."""
+"""dmvae: the Distribution-Matching VAE (arXiv 2512.07778) and the pieces around it.
+
+Public names are imported lazily (PEP 562), so ``import dmvae`` stays cheap and has no side
+effects; ``from dmvae import DMVAE`` imports the autoencoder module on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from dmvae._version import __version__
 
-__all__ = ["__version__"]
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    # autoencoder
+    "DMVAE": "dmvae.autoencoder",
+    "DMVAEConfig": "dmvae.autoencoder",
+    "list_presets": "dmvae.autoencoder",
+    # latent diffusion
+    "LatentDiT": "dmvae.dit",
+    "LatentDiTConfig": "dmvae.dit",
+    "create_model": "dmvae.dit",
+    "list_models": "dmvae.dit",
+    "FlowMatching": "dmvae.transport",
+    "FlowMatchingConfig": "dmvae.transport",
+    "shift_time": "dmvae.transport",
+    "sample": "dmvae.samplers",
+    "time_grid": "dmvae.samplers",
+    "generate_npz": "dmvae.generate",
+    "balanced_labels": "dmvae.generate",
+    # weights
+    "CheckpointError": "dmvae.hub",
+    "HubMixin": "dmvae.hub",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dmvae.autoencoder import DMVAE, DMVAEConfig, list_presets
+    from dmvae.dit import LatentDiT, LatentDiTConfig, create_model, list_models
+    from dmvae.generate import balanced_labels, generate_npz
+    from dmvae.hub import CheckpointError, HubMixin
+    from dmvae.samplers import sample, time_grid
+    from dmvae.transport import FlowMatching, FlowMatchingConfig, shift_time
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dmvae' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -222,6 +222,8 @@ class LatentDiT(nn.Module, HubMixin):
     config_class: ClassVar[type] = LatentDiTConfig
     _reference_filenames: ClassVar[tuple[str, ...]] = ("ep800.pt", "ep400.pt", "ep64.pt")
     _default_use_ema: ClassVar[bool] = True
+    # the release checkpoints (ep*.pt on sen-ye/dmvae) ship without a config: XL/1, 16x16x32 latents
+    _reference_default_config: ClassVar[str | None] = "LightningDiT-XL/1"
 
     def __init__(self, config: LatentDiTConfig | Mapping[str, Any] | str | None = None,
                  **overrides: Any) -> None:

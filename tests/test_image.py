@@ -1,0 +1,111 @@
+"""dmvae.image: loading, ADM centre crop, tensor <-> PIL/numpy conventions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dmvae.image import center_crop_arr, load_image, pil_to_tensor, tensor_to_pil, to_uint8_numpy
+
+
+def _rgb(h: int, w: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray((np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8))
+
+
+def test_load_image(tmp_path: Path) -> None:
+    gray = Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8), mode="L")
+    gray.save(tmp_path / "g.png")
+    img = load_image(tmp_path / "g.png")
+    assert img.mode == "RGB" and img.size == (8, 8)
+    assert np.array_equal(np.asarray(img)[..., 0], np.asarray(gray))
+    with pytest.raises(FileNotFoundError, match="image file not found"):
+        load_image(tmp_path / "missing.png")
+    with pytest.raises(ValueError, match="got a URL"):
+        load_image("https://example.com/cat.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="could not read"):
+        load_image(tmp_path / "bad.png")
+
+
+@pytest.mark.parametrize("w,h", [(300, 451), (1024, 700), (256, 256), (100, 80)])
+def test_center_crop_size(w: int, h: int) -> None:
+    out = center_crop_arr(_rgb(h, w), 256)
+    assert out.size == (256, 256) and out.mode == "RGB"
+
+
+def test_center_crop_exact_size_is_a_pure_crop() -> None:
+    img = _rgb(256, 300)  # short side already 256: no resampling, only the centre crop
+    out = np.asarray(center_crop_arr(img, 256))
+    assert np.array_equal(out, np.asarray(img)[:, 22:278])
+
+
+def test_center_crop_keeps_the_centre_and_box_downsamples() -> None:
+    # left half black, right half white, 1024x512 -> short side 512 >= 2*256 -> one BOX halving
+    arr = np.zeros((512, 1024, 3), np.uint8)
+    arr[:, 512:] = 255
+    out = np.asarray(center_crop_arr(Image.fromarray(arr), 256))
+    # after halving (512x256) the centre 256 columns straddle the edge at column 128
+    assert (out[:, :127] == 0).all() and (out[:, 129:] == 255).all()
+    const = center_crop_arr(Image.new("RGB", (900, 700), (10, 200, 30)), 64)
+    assert (np.asarray(const) == (10, 200, 30)).all()
+
+
+def test_pil_to_tensor_values_and_shapes() -> None:
+    arr = np.zeros((2, 3, 3), np.uint8)
+    arr[0, 0] = 255
+    arr[1, 2] = (0, 128, 255)
+    x = pil_to_tensor(Image.fromarray(arr))
+    assert x.shape == (1, 3, 2, 3) and x.dtype == torch.float32
+    assert x[0, :, 0, 0].tolist() == [1.0, 1.0, 1.0]
+    assert x[0, :, 0, 1].tolist() == [-1.0, -1.0, -1.0]
+    assert torch.allclose(x[0, :, 1, 2], torch.tensor([-1.0, 128 / 127.5 - 1, 1.0]), atol=1e-6)
+    batch = pil_to_tensor([arr, Image.fromarray(arr).convert("L")])  # numpy + grayscale PIL
+    assert batch.shape == (2, 3, 2, 3)
+    assert pil_to_tensor(np.stack([arr, arr])).shape == (2, 3, 2, 3)
+    assert pil_to_tensor([_rgb(40, 50), _rgb(60, 30)], size=16).shape == (2, 3, 16, 16)
+
+
+def test_pil_to_tensor_errors() -> None:
+    with pytest.raises(ValueError, match=r"different sizes .* pass size="):
+        pil_to_tensor([_rgb(8, 8), _rgb(8, 9)])
+    with pytest.raises(TypeError, match="uint8 arrays of shape"):
+        pil_to_tensor(np.zeros((4, 4, 3), np.float32))
+    with pytest.raises(TypeError, match="non-empty sequence"):
+        pil_to_tensor([])
+    with pytest.raises(TypeError, match="expected PIL images"):
+        pil_to_tensor(["a.png"])  # type: ignore[list-item]
+
+
+def test_uint8_round_trip_is_identity() -> None:
+    values = np.arange(256, dtype=np.uint8)
+    arr = np.stack([values.reshape(16, 16)] * 3, axis=-1)  # every uint8 value once per channel
+    x = pil_to_tensor(arr)
+    assert np.array_equal(to_uint8_numpy(x)[0], arr)
+    assert np.array_equal(np.asarray(tensor_to_pil(x)[0]), arr)
+
+
+def test_uint8_rounding_and_saturation() -> None:
+    # trunc(clamp(127.5 x + 128)): 127.5 x + 128 = 100.7 -> 100, = 100.2 -> 100, = 101.0 -> 101
+    xs = torch.tensor([(100.7 - 128) / 127.5, (100.2 - 128) / 127.5, (101.0 - 128) / 127.5, -3.0, 4.0])
+    x = xs.view(1, 1, 1, 5).expand(1, 3, 1, 5)
+    out = to_uint8_numpy(x)
+    assert out.shape == (1, 1, 5, 3) and out.dtype == np.uint8
+    assert out[0, 0, :, 0].tolist() == [100, 100, 101, 0, 255]
+    single = tensor_to_pil(torch.zeros(3, 4, 5))
+    assert len(single) == 1 and single[0].size == (5, 4)
+    assert (np.asarray(single[0]) == 128).all()
+
+
+def test_to_uint8_errors() -> None:
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        to_uint8_numpy(torch.zeros(1, 4, 2, 2))
+    with pytest.raises(TypeError, match="floating-point"):
+        to_uint8_numpy(torch.zeros(1, 3, 2, 2, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="NaN"):
+        to_uint8_numpy(torch.full((1, 3, 2, 2), float("nan")))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        to_uint8_numpy(np.zeros((1, 3, 2, 2)))  # type: ignore[arg-type]
