@@ -16,6 +16,7 @@ _EXPORTS: dict[str, str] = {
     # autoencoder
     "DMVAE": "dmvae.autoencoder",
     "DMVAEConfig": "dmvae.autoencoder",
+    "DMVAEOutput": "dmvae.autoencoder",
     "list_presets": "dmvae.autoencoder",
     # latent diffusion
     "LatentDiT": "dmvae.dit",
@@ -37,7 +38,7 @@ _EXPORTS: dict[str, str] = {
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from dmvae.autoencoder import DMVAE, DMVAEConfig, list_presets
+    from dmvae.autoencoder import DMVAE, DMVAEConfig, DMVAEOutput, list_presets
     from dmvae.dit import LatentDiT, LatentDiTConfig, create_model, list_models
     from dmvae.generate import balanced_labels, generate_npz
     from dmvae.hub import CheckpointError, HubMixin
