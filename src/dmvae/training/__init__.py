@@ -1,0 +1,104 @@
+"""Training helpers that compose into the user's own loop (none of them owns the loop).
+
+- losses: :class:`ReconstructionLoss` (L1 / L2 / LPIPS with a named breakdown)
+- gan: PatchGAN discriminator, hinge / non-saturating losses, VQGAN adaptive weight, DiffAugment, bCR
+- ema: :class:`EMA` over ``torch.optim.swa_utils.AveragedModel``
+- stats: :class:`LatentStats` (latent_mean / latent_scale, exact or reference estimator, DDP-aware)
+- schedule: two-time-scale schedule, warm-up, freezing, grad clipping, bf16 autocast
+- checkpoint: atomic ``save_checkpoint`` / ``load_checkpoint`` with RNG states and keep-last-N
+- data: :class:`TrainImages`, step-indexed random crops (scikit-image photos or an image folder)
+- distributed: torchrun initialisation (gloo on CPU, nccl on GPU) and small collectives
+
+LPIPS itself lives in :mod:`dmvae.lpips` (also used for evaluation).
+"""
+
+from dmvae.training.checkpoint import (
+    Checkpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
+from dmvae.training.distributed import (
+    DistInfo,
+    all_reduce_gradients,
+    all_reduce_mean,
+    all_reduce_sum,
+    barrier,
+    cleanup_distributed,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_distributed,
+    is_main_process,
+)
+from dmvae.training.ema import EMA
+from dmvae.training.gan import (
+    DiffAugment,
+    DiscriminatorLossBreakdown,
+    NLayerDiscriminator,
+    adaptive_generator_weight,
+    adopt_weight,
+    bcr_loss,
+    discriminator_loss,
+    gan_active,
+    generator_loss,
+    hinge_d_loss,
+    non_saturating_d_loss,
+)
+from dmvae.training.data import TrainImages
+from dmvae.training.losses import ReconstructionLoss, ReconstructionLossBreakdown
+from dmvae.training.schedule import (
+    LinearWarmup,
+    TwoTimeScaleSchedule,
+    autocast,
+    clip_grad_norm,
+    freeze,
+    linear_warmup,
+    set_trainable,
+    unfreeze,
+)
+from dmvae.training.stats import LatentStats
+
+__all__ = [
+    "Checkpoint",
+    "DiffAugment",
+    "DiscriminatorLossBreakdown",
+    "DistInfo",
+    "EMA",
+    "LatentStats",
+    "LinearWarmup",
+    "NLayerDiscriminator",
+    "ReconstructionLoss",
+    "ReconstructionLossBreakdown",
+    "TrainImages",
+    "TwoTimeScaleSchedule",
+    "adaptive_generator_weight",
+    "adopt_weight",
+    "all_reduce_gradients",
+    "all_reduce_mean",
+    "all_reduce_sum",
+    "autocast",
+    "barrier",
+    "bcr_loss",
+    "cleanup_distributed",
+    "clip_grad_norm",
+    "discriminator_loss",
+    "freeze",
+    "gan_active",
+    "generator_loss",
+    "get_rank",
+    "get_world_size",
+    "hinge_d_loss",
+    "init_distributed",
+    "is_distributed",
+    "is_main_process",
+    "latest_checkpoint",
+    "linear_warmup",
+    "list_checkpoints",
+    "load_checkpoint",
+    "non_saturating_d_loss",
+    "save_checkpoint",
+    "set_trainable",
+    "unfreeze",
+]

@@ -1,0 +1,208 @@
+"""Training checkpoints: exact resume, atomicity under an interrupted save, keep-last-N, strictness."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dmvae.training.checkpoint as ckpt_mod
+from dmvae.hub import CheckpointError
+from dmvae.training import EMA, latest_checkpoint, linear_warmup, list_checkpoints, load_checkpoint, save_checkpoint
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def photos() -> torch.Tensor:
+    from skimage import data
+
+    imgs = []
+    for im in (data.astronaut(), data.coffee()[:, :400], data.chelsea()[:, :300]):
+        t = torch.from_numpy(im).permute(2, 0, 1).float()[None] / 127.5 - 1
+        imgs.append(F.interpolate(t, size=(32, 32), mode="bilinear", antialias=True, align_corners=False))
+    return torch.cat(imgs)
+
+
+class _AE(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Conv2d(3, 8, 4, stride=4)
+        self.decoder = nn.ConvTranspose2d(8, 3, 4, stride=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(torch.tanh(self.encoder(x)))
+
+
+def _train_step(model, opt, sched, ema, photos) -> float:
+    # draws from every RNG the checkpoint restores: torch (crop + noise), numpy and python random
+    i = torch.randint(0, 16, (2,))
+    x = torch.stack([photos[k % 3, :, i[0] : i[0] + 16, i[1] : i[1] + 16] for k in range(3)])
+    x = x * float(np.random.uniform(0.8, 1.0)) + random.uniform(-0.05, 0.05)
+    noisy = x + 0.1 * torch.randn_like(x)
+    loss = (model(noisy) - x).abs().mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sched.step()
+    ema.update()
+    return loss.item()
+
+
+def _setup(seed: int):
+    torch.manual_seed(seed)
+    model = _AE()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.005)
+    sched = linear_warmup(opt, warmup_steps=10)
+    ema = EMA(model, decay=0.9)
+    return model, opt, sched, ema
+
+
+@dataclasses.dataclass
+class _Args:
+    lr: float = 1e-2
+    name: str = "test"
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def test_resume_reproduces_next_steps_exactly(tmp_path, photos) -> None:
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    model, opt, sched, ema = _setup(0)
+    losses = [_train_step(model, opt, sched, ema, photos) for _ in range(3)]
+    path = save_checkpoint(tmp_path, 3, model=model, opt=opt, sched=sched, ema=ema, args=_Args(), epoch=1,
+                           seen=torch.tensor([48]))  # fmt: skip
+    assert path.name == "step_00000003" and (path / "model.safetensors").is_file()
+    cont = [_train_step(model, opt, sched, ema, photos) for _ in range(2)]
+    assert losses[0] > cont[-1]  # it does train
+    final_params = {k: v.clone() for k, v in model.state_dict().items()}
+
+    # scramble all RNGs and rebuild every object with other weights, then resume
+    torch.manual_seed(123)
+    np.random.seed(123)
+    random.seed(123)
+    model2, opt2, sched2, ema2 = _setup(1)
+    ck = load_checkpoint(tmp_path, model=model2, opt=opt2, sched=sched2, ema=ema2)
+    assert ck.step == 3
+    assert ck["args"] == {"lr": 1e-2, "name": "test"} and ck["epoch"] == 1
+    assert torch.equal(ck["seen"], torch.tensor([48]))
+    resumed = [_train_step(model2, opt2, sched2, ema2, photos) for _ in range(2)]
+    assert resumed == cont  # bitwise: same losses
+    for k, v in model2.state_dict().items():
+        assert torch.equal(v, final_params[k]), k
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    for k, v in ema2.state_dict().items():
+        assert torch.equal(v, ema.state_dict()[k]), k
+
+
+def test_interrupted_save_keeps_previous(tmp_path, photos, monkeypatch) -> None:
+    model, opt, sched, ema = _setup(0)
+    save_checkpoint(tmp_path, 1, model=model, opt=opt)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _train_step(model, opt, sched, ema, photos)
+
+    real_replace = ckpt_mod.os.replace
+
+    def crash(src, dst):  # the temp directory is fully written; the rename "crashes"
+        assert any(p.name == "manifest.json" for p in ckpt_mod.Path(src).iterdir())
+        raise OSError("simulated crash during rename")
+
+    monkeypatch.setattr(ckpt_mod.os, "replace", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        save_checkpoint(tmp_path, 2, model=model, opt=opt)
+    monkeypatch.setattr(ckpt_mod.os, "replace", real_replace)
+
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1]
+    fresh, fopt, _, _ = _setup(5)
+    ck = load_checkpoint(tmp_path, model=fresh, opt=fopt)
+    assert ck.step == 1
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, before[k])
+
+    # a hard crash leaves a partial temp directory behind: ignored, then cleaned by the next save
+    junk = tmp_path / ".tmp-step_00000002-999-deadbeef"
+    junk.mkdir()
+    (junk / "model.safetensors").write_bytes(b"partial")
+    assert latest_checkpoint(tmp_path).name == "step_00000001"
+    save_checkpoint(tmp_path, 2, model=model)
+    assert not junk.exists()
+    assert latest_checkpoint(tmp_path).name == "step_00000002"
+
+
+def test_resave_same_step_interrupted_keeps_old(tmp_path, monkeypatch) -> None:
+    m = nn.Linear(2, 2)
+    save_checkpoint(tmp_path, 5, model=m)
+    calls = {"n": 0}
+    real_replace = ckpt_mod.os.replace
+
+    def second_fails(src, dst):
+        calls["n"] += 1
+        if calls["n"] == 2:  # old moved aside, then the new one fails to move in
+            raise OSError("simulated")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ckpt_mod.os, "replace", second_fails)
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path, 5, model=nn.Linear(2, 2))
+    monkeypatch.setattr(ckpt_mod.os, "replace", real_replace)
+    m2 = nn.Linear(2, 2)
+    load_checkpoint(tmp_path, model=m2)
+    assert torch.equal(m2.weight, m.weight)
+
+
+def test_keep_last_n(tmp_path) -> None:
+    m = nn.Linear(2, 2)
+    for step in (10, 20, 30, 40):
+        save_checkpoint(tmp_path, step, keep_last=2, model=m)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [30, 40]
+    assert load_checkpoint(tmp_path, step=30).step == 30
+    with pytest.raises(FileNotFoundError, match="available steps"):
+        load_checkpoint(tmp_path, step=10)
+
+
+def test_strict_and_atomic_restore(tmp_path) -> None:
+    save_checkpoint(tmp_path, 0, a=nn.Linear(2, 2), b=nn.Linear(2, 2), save_rng=False)
+    a, b_wrong = nn.Linear(2, 2), nn.Linear(2, 3)
+    a_before = a.weight.clone()
+    with pytest.raises(CheckpointError, match="shape"):
+        load_checkpoint(tmp_path, a=a, b=b_wrong)
+    assert torch.equal(a.weight, a_before)  # nothing restored when any module mismatches
+    with pytest.raises(KeyError, match="no entries"):
+        load_checkpoint(tmp_path, c=nn.Linear(2, 2))
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        load_checkpoint(tmp_path / "empty")
+    # corrupt weights file -> CheckpointError, not a crash deep in safetensors
+    (tmp_path / "step_00000000" / "a.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path)
+
+
+def test_entry_validation(tmp_path) -> None:
+    with pytest.raises(ValueError, match="reserved|invalid"):
+        save_checkpoint(tmp_path, 0, step=1)
+    with pytest.raises(TypeError, match="cannot checkpoint"):
+        save_checkpoint(tmp_path, 0, thing=object())
+    assert list_checkpoints(tmp_path) == []  # failed saves leave nothing behind
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(ValueError, match="step"):
+        save_checkpoint(tmp_path, -1, m=nn.Linear(1, 1))
+    p = save_checkpoint(tmp_path, 7, m=nn.Linear(1, 1), note={"a": [1, 2]})
+    manifest = json.loads((p / "manifest.json").read_text())
+    assert manifest["entries"]["m"]["kind"] == "module" and manifest["json"]["note"] == {"a": [1, 2]}
+    # a step directory can be passed directly
+    assert load_checkpoint(p, restore_rng=False)["note"] == {"a": [1, 2]}
