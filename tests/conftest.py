@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+
+# Tests never touch the network: huggingface_hub reads this once, at import, so set it first.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from pathlib import Path
 
 import pytest

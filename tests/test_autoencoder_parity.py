@@ -175,10 +175,13 @@ def test_from_pretrained_reference_checkpoint(
     assert max_abs(grid_to_tokens(z), ref["encode_x"]) <= TOKEN_ATOL
 
 
-def test_default_is_ema_like_the_release_scripts(vae_dir: Path, checkpoint: dict) -> None:
+def test_default_is_the_raw_weights(vae_dir: Path, checkpoint: dict) -> None:
+    # from_pretrained(..., use_ema=False) is the documented default: 'vae_wo_ddp' is in every
+    # reference checkpoint, 'vae_ema' only in the tokenizer's
     model = DMVAE.from_pretrained(vae_dir / "vae.pt", config="dmvae-tiny")
     sd = model.state_dict()
-    assert all(torch.equal(sd[k], checkpoint["vae_ema"][k]) for k in sd)
+    assert all(torch.equal(sd[k], checkpoint["vae_wo_ddp"][k]) for k in sd)
+    assert not all(torch.equal(sd[k], checkpoint["vae_ema"][k]) for k in sd)
 
 
 def test_reference_checkpoint_wrong_preset_raises_and_lists(vae_dir: Path) -> None:
