@@ -40,8 +40,7 @@ import train_tokenizer  # noqa: E402
 
 from dmvae.autoencoder import DMVAE  # noqa: E402
 from dmvae.metrics import energy_distance  # noqa: E402
-import dmvae.priors.analytic  # noqa: E402,F401  (registers the built-in priors)
-from dmvae.priors.base import create_prior  # noqa: E402
+from dmvae.priors import create_prior  # noqa: E402
 from dmvae.training import TrainImages  # noqa: E402
 
 

@@ -98,8 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def make_real(spec: str, vae: DMVAE) -> torch.nn.Module:
     if spec.startswith("prior:"):
-        import dmvae.priors.analytic  # noqa: F401  (registers the built-in priors)
-        from dmvae.priors.base import create_prior
+        from dmvae.priors import create_prior
 
         return create_prior(spec[len("prior:"):], shape=vae.latent_shape())
     return LatentDiT.from_pretrained(spec)

@@ -23,6 +23,11 @@ def _fixtures_dir() -> Path:
 
 FIXTURES = _fixtures_dir()
 
+# The test models are tiny: one thread is as fast as two in isolation and much faster on a shared
+# machine, where multi-threaded tiny ops mostly wait for each other. The fixtures were made with
+# one thread too. Override with DMVAE_TEST_THREADS.
+torch.set_num_threads(int(os.environ.get("DMVAE_TEST_THREADS", "1")))
+
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:

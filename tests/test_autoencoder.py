@@ -20,16 +20,6 @@ except ImportError:  # pragma: no cover
         return (a.double() - b.double()).abs().max().item()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and the fixtures were made with one); on a shared
-    CPU, multi-threaded tiny ops spend most of their time waiting for each other."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # A 32x32 input is a 2x2 latent grid: the cheapest size that exercises everything.
 SMALL = 32
 

@@ -27,16 +27,6 @@ except ImportError:  # pragma: no cover
         return (a.double() - b.double()).abs().max().item()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread (and the fixtures were made with one); on a shared
-    CPU, multi-threaded tiny ops spend most of their time waiting for each other."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 TOKEN_ATOL = 1e-5
 # Measured: encoder features/tokens bitwise equal, images <= 6.2e-6 (1 or 2 threads). 2e-5 keeps a
 # 3x margin yet catches the 4e-5 error of running the decoder on a channels-last latent view.

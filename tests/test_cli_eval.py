@@ -15,15 +15,6 @@ from dmvae.evaluation import save_npz_images
 from dmvae.metrics import InceptionV3Features
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Inception at 299x299 dominates these tests; on a shared 2-core machine one thread is faster.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def inception_file(tmp_path_factory):
     """The Inception-v3 architecture with random weights, saved like the real 2015-12-05 file.

@@ -9,14 +9,6 @@ import torch
 from dmvae.metrics.distribution import coverage, energy_distance, median_bandwidth, rbf_mmd, sliced_wasserstein
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny workloads: one thread is faster on a shared machine
-    yield
-    torch.set_num_threads(n)
-
-
 def _direct_energy(x, y):
     x, y = x.double(), y.double()
     return (2 * torch.cdist(x, y).mean() - torch.cdist(x, x).mean() - torch.cdist(y, y).mean()).item()

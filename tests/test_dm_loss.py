@@ -11,14 +11,6 @@ from dmvae.metrics.distribution import energy_distance
 from dmvae.priors import GaussianMixturePrior, GaussianPrior, LearnedPrior, fit_reference_model
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny nets: one thread is faster and kinder to a shared machine
-    yield
-    torch.set_num_threads(n)
-
-
 class MLPVelocity(nn.Module):
     """A tiny unconditional velocity net v(x, t) for (B, D) inputs."""
 

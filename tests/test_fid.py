@@ -31,15 +31,6 @@ def _scipy_fid(mu1, s1, mu2, s2) -> float:
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Inception forwards and 2048-d eigen-solvers; on a shared 2-core machine one thread is faster.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _random_stats(rng, dim, n, shift=0.0, mix=None):
     x = rng.normal(size=(n, dim))
     if mix is not None:

@@ -24,15 +24,6 @@ def _photos(size: int = 32) -> torch.Tensor:
     return torch.cat(out)  # (3, 3, size, size)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # VGG convolutions on a shared 2-core machine: one thread avoids oversubscription stalls.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def random_lpips() -> LPIPS:
     with pytest.warns(UserWarning, match="meaningless"):

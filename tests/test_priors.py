@@ -26,14 +26,6 @@ from dmvae.priors import (
 from dmvae.priors import base as prior_base
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny workloads: one thread is faster on a shared machine
-    yield
-    torch.set_num_threads(n)
-
-
 # ---------------------------------------------------------------- Monte-Carlo velocity check
 def _mc_velocity(prior: ReferencePrior, t: float, queries: torch.Tensor, n: int = 200_000, labels=None) -> torch.Tensor:
     """Monte-Carlo E[x - eps | x_t = q] from prior samples alone (self-normalised importance

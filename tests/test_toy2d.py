@@ -38,9 +38,9 @@ def test_demo_cli_reduced_steps_writes_json_png_points(tmp_path, capsys):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_demo_compare_json_to_stdout(capsys):
+def test_demo_compare_json_to_stdout(tmp_path, capsys):
     rc = main(["demo", "--steps", "10", "--teacher-steps", "20", "--quiet", "--eval-sets", "2", "--objectives",
-               "real_score,fake_score", "--json", "-"])
+               "real_score,fake_score", "--json", "-", "--out", str(tmp_path)])
     assert rc == 0
     rep = json.loads(capsys.readouterr().out)
     assert set(rep["objectives"]) == {"dm", "real_score", "fake_score"}

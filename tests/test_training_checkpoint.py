@@ -17,14 +17,6 @@ from dmvae.hub import CheckpointError
 from dmvae.training import EMA, latest_checkpoint, linear_warmup, list_checkpoints, load_checkpoint, save_checkpoint
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def photos() -> torch.Tensor:
     from skimage import data

@@ -27,14 +27,6 @@ TOK = ["--image-size", "32", "--batch-size", "4", "--lpips-weight", "0", "--lr",
        "--warmup", "2", "--ndf", "8", "--log-every", "1000", "--stats-batches", "2"]  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("stage1")

@@ -21,15 +21,6 @@ from dmvae.training.gan import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Shared 2-core machine: one thread avoids oversubscription stalls (and keeps runs bitwise stable).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _photo(size: int = 32, n: int = 2) -> torch.Tensor:
     from skimage import data
 

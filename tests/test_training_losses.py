@@ -13,15 +13,6 @@ from dmvae.lpips import LPIPS
 from dmvae.training.losses import ReconstructionLoss, ReconstructionLossBreakdown
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Shared 2-core machine: one thread avoids oversubscription stalls (and keeps runs bitwise stable).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _photos() -> torch.Tensor:
     from skimage import data
 

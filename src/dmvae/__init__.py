@@ -30,6 +30,24 @@ _EXPORTS: dict[str, str] = {
     "time_grid": "dmvae.samplers",
     "generate_npz": "dmvae.generate",
     "balanced_labels": "dmvae.generate",
+    # reference priors and the distribution-matching loss
+    "ReferencePrior": "dmvae.priors",
+    "GaussianPrior": "dmvae.priors",
+    "GaussianMixturePrior": "dmvae.priors",
+    "SamplesPrior": "dmvae.priors",
+    "SShape2D": "dmvae.priors",
+    "LearnedPrior": "dmvae.priors",
+    "FeaturePrior": "dmvae.priors",
+    "DiffusionNoisePrior": "dmvae.priors",
+    "fit_reference_model": "dmvae.priors",
+    "register_prior": "dmvae.priors",
+    "create_prior": "dmvae.priors",
+    "list_priors": "dmvae.priors",
+    "DistributionMatchingLoss": "dmvae.dm_loss",
+    "TRangeAnneal": "dmvae.dm_loss",
+    # evaluation
+    "evaluate_reconstruction": "dmvae.evaluation",
+    "evaluate_generation": "dmvae.evaluation",
     # weights
     "CheckpointError": "dmvae.hub",
     "HubMixin": "dmvae.hub",
@@ -39,6 +57,22 @@ __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmvae.autoencoder import DMVAE, DMVAEConfig, DMVAEOutput, list_presets
+    from dmvae.dm_loss import DistributionMatchingLoss, TRangeAnneal
+    from dmvae.evaluation import evaluate_generation, evaluate_reconstruction
+    from dmvae.priors import (
+        DiffusionNoisePrior,
+        FeaturePrior,
+        GaussianMixturePrior,
+        GaussianPrior,
+        LearnedPrior,
+        ReferencePrior,
+        SamplesPrior,
+        SShape2D,
+        create_prior,
+        fit_reference_model,
+        list_priors,
+        register_prior,
+    )
     from dmvae.dit import LatentDiT, LatentDiTConfig, create_model, list_models
     from dmvae.generate import balanced_labels, generate_npz
     from dmvae.hub import CheckpointError, HubMixin

@@ -29,7 +29,10 @@ def register(subparsers) -> None:
         "--objectives", default=None,
         help="comma-separated objectives for --compare (default dm,real_score,fake_score,score_diff,loss_diff)",
     )
-    p.add_argument("--out", type=Path, default=None, help="directory for demo.png and points.npy")
+    p.add_argument(
+        "--out", type=Path, default=Path("dmvae-demo"),
+        help="directory for demo.png and points.npy (default: ./dmvae-demo)",
+    )
     p.add_argument("--json", type=Path, default=None, help="write the figures as JSON to this path ('-' = stdout)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest for these tiny nets)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
