@@ -208,3 +208,32 @@ def test_offline_load_from_populated_hf_cache(tmp_path: Path, layout: str) -> No
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert out.returncode != 0
     assert "someone/absent" in out.stderr and ("cache" in out.stderr or "Hub" in out.stderr)
+
+
+def test_push_to_hub_uploads_a_loadable_folder(tmp_path: Path, monkeypatch) -> None:
+    import huggingface_hub
+
+    calls: dict = {}
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls["token"] = token
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            calls["create"] = (repo_id, private, exist_ok)
+
+        def upload_folder(self, repo_id, folder_path, revision, commit_message, create_pr):
+            # copy what would be uploaded, then check it loads like a hub snapshot
+            import shutil
+
+            shutil.copytree(folder_path, tmp_path / "uploaded")
+            calls["upload"] = (repo_id, commit_message)
+            return f"https://huggingface.co/{repo_id}/commit/abc"
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    model = TinyNet(TinyConfig(width=3))
+    url = model.push_to_hub("me/tiny", private=True, token="t0k")
+    assert url.endswith("/commit/abc")
+    assert calls["create"] == ("me/tiny", True, True) and calls["token"] == "t0k"
+    loaded = TinyNet.from_pretrained(tmp_path / "uploaded")
+    assert torch.equal(loaded.layers[0].weight, model.layers[0].weight)
