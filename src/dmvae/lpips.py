@@ -142,21 +142,14 @@ def convert_lpips_state_dict(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _read_file(path: Path) -> dict[str, Tensor]:
+    from dmvae.hub import CheckpointError, read_safetensors, read_torch_checkpoint
+
     if not path.is_file():
         raise LPIPSWeightsError(f"LPIPS weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as e:  # safetensors raises several types for corrupt files
-            raise LPIPSWeightsError(f"could not read LPIPS weights {path}: {e}") from e
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise LPIPSWeightsError(
-            f"could not read LPIPS weights {path} with torch.load(weights_only=True): {e}"
-        ) from e
+    try:  # the library's safe readers: safetensors, or torch.load(weights_only=True)
+        obj = read_safetensors(path) if path.suffix == ".safetensors" else read_torch_checkpoint(path)
+    except CheckpointError as e:
+        raise LPIPSWeightsError(f"could not read LPIPS weights {path}: {e}") from e
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
