@@ -65,18 +65,25 @@ def energy_distance(
     demo and docs quote; ``unbiased=True`` drops the diagonal (U-statistic, may be slightly < 0).
     """
     x, y = _pair(x, y)
-    n, m = x.shape[0], y.shape[0]
     dist = lambda d2: d2.clamp_min(0).sqrt()  # noqa: E731
-    xy = _block_sum(x, y, dist, block_size, dtype) / (n * m)
+    xy, xx, yy = _pair_means(x, y, dist, unbiased, block_size, dtype, "energy distance")
+    return 2 * xy - xx - yy
+
+
+def _pair_means(x, y, fn, unbiased: bool, block_size: int, dtype: torch.dtype, name: str):
+    """Mean of ``fn(|a - b|^2)`` over the pairs of (x, y), (x, x) and (y, y), blocked; the
+    within-set means drop the diagonal when ``unbiased`` (U-statistic), else keep it (V)."""
+    n, m = x.shape[0], y.shape[0]
+    xy = _block_sum(x, y, fn, block_size, dtype) / (n * m)
     if unbiased:
         if n < 2 or m < 2:
-            raise ValueError("unbiased energy distance needs at least 2 samples per set")
-        xx = _block_sum(x, x, dist, block_size, dtype, True) / (n * (n - 1))
-        yy = _block_sum(y, y, dist, block_size, dtype, True) / (m * (m - 1))
+            raise ValueError(f"unbiased {name} needs at least 2 samples per set")
+        xx = _block_sum(x, x, fn, block_size, dtype, True) / (n * (n - 1))
+        yy = _block_sum(y, y, fn, block_size, dtype, True) / (m * (m - 1))
     else:
-        xx = _block_sum(x, x, dist, block_size, dtype) / (n * n)
-        yy = _block_sum(y, y, dist, block_size, dtype) / (m * m)
-    return 2 * xy - xx - yy
+        xx = _block_sum(x, x, fn, block_size, dtype) / (n * n)
+        yy = _block_sum(y, y, fn, block_size, dtype) / (m * m)
+    return xy, xx, yy
 
 
 def median_bandwidth(x: torch.Tensor, y: torch.Tensor, *, max_samples: int = 2048, seed: int = 0) -> float:
@@ -105,7 +112,6 @@ def rbf_mmd(
     ``unbiased=True`` is the U-statistic of Gretton et al. (2012) (may be slightly < 0).
     """
     x, y = _pair(x, y)
-    n, m = x.shape[0], y.shape[0]
     if bandwidth is None:
         bandwidth = median_bandwidth(x, y)
     widths = [float(bandwidth)] if isinstance(bandwidth, (int, float)) else [float(b) for b in bandwidth]
@@ -115,15 +121,7 @@ def rbf_mmd(
     def k(d2):
         return sum(torch.exp(-d2 / (2 * w * w)) for w in widths)
 
-    xy = _block_sum(x, y, k, block_size, dtype) / (n * m)
-    if unbiased:
-        if n < 2 or m < 2:
-            raise ValueError("unbiased MMD needs at least 2 samples per set")
-        xx = _block_sum(x, x, k, block_size, dtype, True) / (n * (n - 1))
-        yy = _block_sum(y, y, k, block_size, dtype, True) / (m * (m - 1))
-    else:
-        xx = _block_sum(x, x, k, block_size, dtype) / (n * n)
-        yy = _block_sum(y, y, k, block_size, dtype) / (m * m)
+    xy, xx, yy = _pair_means(x, y, k, unbiased, block_size, dtype, "MMD")
     return xx + yy - 2 * xy
 
 
