@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dmvae._utils import unwrap_model
 from dmvae.hub import CheckpointError, check_state_dict, read_safetensors, read_torch_checkpoint
 from dmvae.training.distributed import barrier, get_rank, get_world_size, is_distributed
 
@@ -61,14 +62,6 @@ class Checkpoint:
 
 
 # ------------------------------------------------------------------------------------- helpers
-
-
-def _unwrap(obj: Any) -> Any:
-    from torch.nn.parallel import DistributedDataParallel
-
-    if isinstance(obj, DistributedDataParallel):
-        obj = obj.module
-    return getattr(obj, "_orig_mod", obj) if isinstance(obj, nn.Module) else obj
 
 
 def _is_jsonable(v: Any) -> bool:
@@ -215,7 +208,7 @@ def save_checkpoint(
         manifest: dict[str, Any] = {"format": FORMAT, "step": step, "entries": {}, "json": {}}
         tensors: dict[str, torch.Tensor] = {}
         for name, obj in state.items():
-            obj = _unwrap(obj)
+            obj = unwrap_model(obj)
             if isinstance(obj, nn.Module):
                 _save_tensors(obj.state_dict(), tmp / f"{name}.safetensors", {"class": type(obj).__name__})
                 manifest["entries"][name] = {"kind": "module", "class": type(obj).__name__}
@@ -336,13 +329,13 @@ def load_checkpoint(
 
     # Check every module before modifying anything.
     for name, obj in targets.items():
-        obj = _unwrap(obj)
+        obj = unwrap_model(obj)
         if isinstance(obj, nn.Module):
             if entries[name]["kind"] != "module":
                 raise CheckpointError(f"entry {name!r} in {path} is a {entries[name]['kind']}, not a module")
             check_state_dict(obj, values[name], source=f"{path.name}/{name}.safetensors")
     for name, obj in targets.items():
-        obj = _unwrap(obj)
+        obj = unwrap_model(obj)
         if isinstance(obj, nn.Module):
             obj.load_state_dict(values[name], strict=True)
         elif callable(getattr(obj, "load_state_dict", None)):

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from dmvae._utils import unwrap_model
+
 __all__ = ["EMA"]
 
 
@@ -43,7 +45,7 @@ class EMA(nn.Module):
             raise ValueError(f"decay must be in [0, 1], got {decay}")
         if buffers not in ("copy", "average"):
             raise ValueError(f"buffers must be 'copy' or 'average', got {buffers!r}")
-        model = _unwrap(model)
+        model = unwrap_model(model)
         self.decay = decay
         self.buffers_mode = buffers
         self.ema_model = AveragedModel(
@@ -66,13 +68,13 @@ class EMA(nn.Module):
     @torch.no_grad()
     def update(self, model: nn.Module | None = None) -> None:
         """One EMA step from ``model`` (default: the wrapped module)."""
-        src = _unwrap(model) if model is not None else self.online
+        src = unwrap_model(model) if model is not None else self.online
         self.ema_model.update_parameters(src)  # also copies buffers when buffers == "copy"
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module | None = None) -> None:
         """Write the averaged weights into ``model`` (default: the wrapped module)."""
-        dst = _unwrap(model) if model is not None else self.online
+        dst = unwrap_model(model) if model is not None else self.online
         dst.load_state_dict(self.module.state_dict(), strict=True)
 
     def train(self, mode: bool = True) -> EMA:
@@ -81,11 +83,3 @@ class EMA(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.ema_model(*args, **kwargs)
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    from torch.nn.parallel import DistributedDataParallel
-
-    if isinstance(model, DistributedDataParallel):
-        model = model.module
-    return getattr(model, "_orig_mod", model)  # torch.compile wrapper

@@ -1,0 +1,27 @@
+"""Small helpers shared across the package (no heavy imports, no side effects)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+__all__ = ["unwrap_model"]
+
+
+def unwrap_model(model: Any) -> Any:
+    """The plain module under any stack of training wrappers.
+
+    Strips, repeatedly and in any order, ``DistributedDataParallel`` / ``DataParallel``
+    (``.module``) and ``torch.compile``'s ``OptimizedModule`` (``._orig_mod``), so that
+    ``compile(DDP(model))`` and ``DDP(compile(model))`` both give back ``model``. Anything that is
+    not an ``nn.Module`` (an optimizer, a scheduler, a plain callable) is returned unchanged.
+    """
+    while isinstance(model, nn.Module):
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            break
+    return model
