@@ -6,6 +6,9 @@
   so ``uint8 -> x -> uint8`` is the identity.
 - :func:`center_crop_arr` is ADM's (guided-diffusion) ImageNet preprocessing, which the
   reference's training/evaluation data pipeline uses.
+- :func:`pil_to_rgb` is the one decoder of every PIL mode to 8-bit RGB (used by
+  :func:`load_image`, the evaluation folders and the training data pipeline), and
+  :data:`IMAGE_EXTENSIONS` the one list of file suffixes treated as images.
 """
 
 from __future__ import annotations
@@ -20,15 +23,110 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-__all__ = ["load_image", "center_crop_arr", "pil_to_tensor", "tensor_to_pil", "to_uint8_numpy"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "TRANSPARENCY_BACKGROUND",
+    "load_image",
+    "pil_to_rgb",
+    "center_crop_arr",
+    "pil_to_tensor",
+    "tensor_to_pil",
+    "to_uint8_numpy",
+]
 
 ImageLike = Union[Image.Image, np.ndarray]
 
+#: File suffixes (lower case) treated as images by every folder listing in dmvae.
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+#: Background that transparent pixels are composited on (white, as browsers and most tools show).
+TRANSPARENCY_BACKGROUND: tuple[int, int, int] = (255, 255, 255)
+
+
+def _rescale_to_uint8(arr: np.ndarray, scale_max: float) -> np.ndarray:
+    """``round(clip(arr, 0, scale_max) * 255 / scale_max)`` as uint8 (NaN -> 0)."""
+    arr = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=scale_max, neginf=0.0)
+    return np.rint(np.clip(arr, 0.0, scale_max) * (255.0 / scale_max)).astype(np.uint8)
+
+
+def _grey_to_uint8(img: Image.Image) -> np.ndarray:
+    """High-bit-depth single-channel modes -> uint8 (H, W), scaled by their bit depth.
+
+    - ``I;16`` / ``I;16B`` / ``I;16L`` / ``I;16N``: 16-bit, ``v * 255 / 65535`` (so ``v = 257 u``
+      maps back to ``u`` exactly).
+    - ``I`` (32-bit signed int; what several decoders give for 16-bit files): values in [0, 255]
+      are 8-bit values (kept), values in [0, 65535] are 16-bit (scaled as above); any other
+      range is min-max rescaled to [0, 255].
+    - ``F`` (32-bit float): values in [0, 1] are scaled by 255, values in [0, 255] are kept,
+      any other range is min-max rescaled; NaN becomes 0.
+    """
+    arr = np.asarray(img)
+    if img.mode.startswith("I;16"):
+        return _rescale_to_uint8(arr, 65535.0)
+    finite = arr[np.isfinite(arr)] if arr.dtype.kind == "f" else arr
+    lo = float(finite.min()) if finite.size else 0.0
+    hi = float(finite.max()) if finite.size else 0.0
+    if img.mode == "F" and lo >= 0.0 and hi <= 1.0:
+        return _rescale_to_uint8(arr, 1.0)
+    if lo >= 0.0 and hi <= 255.0:
+        return _rescale_to_uint8(arr, 255.0)
+    if img.mode == "I" and lo >= 0.0 and hi <= 65535.0:
+        return _rescale_to_uint8(arr, 65535.0)
+    span = hi - lo if hi > lo else 1.0
+    return _rescale_to_uint8((arr.astype(np.float64) - lo) / span, 1.0)
+
+
+def _composite(rgba: np.ndarray, premultiplied: bool = False) -> np.ndarray:
+    """uint8 (H, W, 4) -> uint8 (H, W, 3) over :data:`TRANSPARENCY_BACKGROUND`:
+    ``c a + bg (1 - a)`` (``c + bg (1 - a)`` for premultiplied colour)."""
+    alpha = rgba[..., 3:4].astype(np.float64) / 255.0
+    colour = rgba[..., :3].astype(np.float64)
+    if not premultiplied:
+        colour = colour * alpha
+    out = colour + np.asarray(TRANSPARENCY_BACKGROUND, np.float64) * (1.0 - alpha)
+    return np.rint(np.clip(out, 0, 255)).astype(np.uint8)
+
+
+def pil_to_rgb(img: Image.Image) -> Image.Image:
+    """Decode a PIL image of any mode to an 8-bit ``RGB`` image.
+
+    - 16-bit and 32-bit greyscale (``I;16*``, ``I``, ``F``) are scaled by their bit depth /
+      value range (see :func:`_grey_to_uint8`), not clipped at 255 as ``Image.convert`` does
+      (which turns a 16-bit PNG all white).
+    - Transparency (an alpha band: ``RGBA``, ``LA``, ``PA``, premultiplied ``RGBa`` / ``La``; or a
+      ``transparency`` entry: palette ``P`` / ``L`` / ``RGB`` with a tRNS colour) is composited
+      on :data:`TRANSPARENCY_BACKGROUND` (white), not dropped (dropping it shows whatever
+      colour the transparent pixels happen to store, often black).
+    - ``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``, ``RGBX`` use PIL's conversions.
+
+    Returns a new image (the input is not modified); an ``RGB`` input without transparency is
+    returned as a copy. Raises ``ValueError`` naming the mode when PIL cannot convert it.
+    """
+    if not isinstance(img, Image.Image):
+        raise TypeError(f"expected a PIL image, got {type(img).__name__}")
+    mode = img.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return Image.fromarray(_grey_to_uint8(img)).convert("RGB")
+    if mode in ("RGBa", "La"):
+        arr = np.asarray(img)
+        if mode == "La":
+            arr = np.concatenate([arr[..., :1].repeat(3, axis=-1), arr[..., 1:2]], axis=-1)
+        return Image.fromarray(_composite(arr, premultiplied=True))
+    has_alpha = mode in ("RGBA", "LA", "PA") or "transparency" in img.info
+    try:
+        if has_alpha:
+            return Image.fromarray(_composite(np.asarray(img.convert("RGBA"))))
+        return img.convert("RGB") if mode != "RGB" else img.copy()
+    except (ValueError, OSError) as e:
+        raise ValueError(f"cannot convert a PIL image of mode {mode!r} to RGB: {e}") from e
+
 
 def load_image(path: str | os.PathLike[str]) -> Image.Image:
-    """Open a local image file as an RGB PIL image (fully read; the file is closed).
+    """Open a local image file as an 8-bit RGB PIL image (fully read; the file is closed).
 
-    URLs are rejected on purpose: dmvae never fetches images over the network.
+    Every PIL mode is decoded by :func:`pil_to_rgb` (16-bit greyscale scaled by its bit depth,
+    transparency composited on white). URLs are rejected on purpose: dmvae never fetches images
+    over the network.
     """
     text = str(path)
     if "://" in text:
@@ -38,7 +136,8 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
         raise FileNotFoundError(f"image file not found: {p}")
     try:
         with Image.open(p) as img:
-            return img.convert("RGB")
+            img.load()
+            return pil_to_rgb(img)
     except (OSError, Image.DecompressionBombError) as e:
         raise ValueError(f"could not read {p} as an image: {e}") from e
 
@@ -69,8 +168,8 @@ def _to_uint8_hwc(image: ImageLike, size: int | None) -> np.ndarray:
         image = Image.fromarray(image)
     if not isinstance(image, Image.Image):
         raise TypeError(f"expected PIL images or uint8 numpy arrays, got {type(image).__name__}")
-    if image.mode != "RGB":
-        image = image.convert("RGB")
+    if image.mode != "RGB" or "transparency" in image.info:
+        image = pil_to_rgb(image)
     if size is not None:
         image = center_crop_arr(image, size)
     return np.asarray(image, dtype=np.uint8)
