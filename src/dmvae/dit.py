@@ -68,7 +68,7 @@ class LatentDiTConfig(ConfigMixin):
     num_heads: int = 16
     mlp_ratio: float = 4.0  # feed-forward width = mlp_ratio * hidden (x 2/3 for SwiGLU)
     class_dropout_prob: float = 0.1  # label dropout in train mode; > 0 adds the null class row
-    num_classes: int = 1000  # null / unconditional label id = num_classes
+    num_classes: int = 1000  # null / unconditional label id = num_classes; 0 = unconditional model
     learn_sigma: bool = False  # doubles the output channels; forward returns the velocity half only
     use_qknorm: bool = True  # normalise q and k per head before RoPE
     use_swiglu: bool = True  # SwiGLU (w12, w3) instead of a GELU-tanh MLP (fc1, fc2)
@@ -81,8 +81,9 @@ class LatentDiTConfig(ConfigMixin):
         for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads",
                      "num_classes"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"LatentDiTConfig.{name} must be a positive int, got {value!r}")
+            low = 0 if name == "num_classes" else 1  # num_classes = 0: an unconditional model
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"LatentDiTConfig.{name} must be an int >= {low}, got {value!r}")
         if self.input_size % self.patch_size:
             raise ValueError(
                 f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}"
@@ -215,7 +216,7 @@ class LatentDiT(nn.Module, HubMixin):
 
     ``forward(x, t, y)``: ``x`` (B, in_channels, input_size, input_size), ``t`` (B,) or scalar in
     [0, 1] (t = 1 is data), ``y`` (B,) int labels in [0, num_classes] (``num_classes`` is the null
-    class). Returns the velocity, same shape as ``x``. In train mode labels are dropped to the null
+    class), or None for an unconditional model (``num_classes=0``: no label table, ``c = t_emb``). Returns the velocity, same shape as ``x``. In train mode labels are dropped to the null
     class with probability ``class_dropout_prob`` (pass ``force_drop_ids`` to choose which).
     """
 
@@ -236,7 +237,9 @@ class LatentDiT(nn.Module, HubMixin):
 
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, cfg.hidden_size)
         self.t_embedder = TimestepEmbedder(cfg.hidden_size)
-        self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.hidden_size, cfg.class_dropout_prob)
+        # an unconditional model (num_classes = 0) has no label table: c = t_emb(t)
+        self.y_embedder = (LabelEmbedder(cfg.num_classes, cfg.hidden_size, cfg.class_dropout_prob)
+                           if cfg.num_classes else None)
         # fixed (not trained) but saved in the checkpoint, as in the reference
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.grid_size**2, cfg.hidden_size),
                                       requires_grad=False)
@@ -252,8 +255,11 @@ class LatentDiT(nn.Module, HubMixin):
 
     @property
     def null_class(self) -> int | None:
-        """Label id of the unconditional class, or None if the model has no null row."""
-        return self.config.num_classes if self.y_embedder.has_null else None
+        """Label id of the unconditional class, or None if the model has no null row (built with
+        ``class_dropout_prob=0``, or unconditional with ``num_classes=0``)."""
+        if self.y_embedder is None or not self.y_embedder.has_null:
+            return None
+        return self.config.num_classes
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> LatentDiT:
         """Recompute block activations in the backward pass (train mode only); saves memory."""
@@ -286,7 +292,8 @@ class LatentDiT(nn.Module, HubMixin):
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.data.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         for block in self.blocks:
@@ -298,8 +305,11 @@ class LatentDiT(nn.Module, HubMixin):
 
     # ---- input checks --------------------------------------------------------------------------
     def _check_inputs(
-        self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor, check_time: bool = True
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor | None, check_time: bool = True,
+        check_values: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Shapes and dtypes always; with ``check_values`` also the values (t in [0, 1] and not NaN,
+        labels in range), which reads tensors back to the host."""
         cfg = self.config
         if not isinstance(x, torch.Tensor) or x.ndim != 4:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -318,10 +328,19 @@ class LatentDiT(nn.Module, HubMixin):
             t = t.expand(b)
         if t.shape != (b,):
             raise ValueError(f"t must be a scalar or have shape ({b},), got {tuple(t.shape)}")
-        if torch.isnan(t).any() or (check_time and ((t < 0).any() or (t > 1).any())):
+        if check_values and (torch.isnan(t).any() or (check_time and ((t < 0).any() or (t > 1).any()))):
             raise ValueError(
                 f"t must lie in [0, 1] (t = 0 noise, t = 1 data), got min {t.min().item():.4g}, "
                 f"max {t.max().item():.4g}"
+            )
+        if self.y_embedder is None:
+            if y is not None:
+                raise ValueError("this LatentDiT is unconditional (num_classes=0): pass y=None")
+            return t, None
+        if y is None:
+            raise ValueError(
+                f"y is required: this LatentDiT is class-conditional ({cfg.num_classes} classes"
+                + (f", null class {cfg.num_classes})" if self.y_embedder.has_null else ")")
             )
         y = torch.as_tensor(y, device=x.device)
         if y.is_floating_point() or y.dtype == torch.bool:
@@ -329,7 +348,7 @@ class LatentDiT(nn.Module, HubMixin):
         if y.shape != (b,):
             raise ValueError(f"y must have shape ({b},), got {tuple(y.shape)}")
         top = cfg.num_classes if self.y_embedder.has_null else cfg.num_classes - 1
-        if b and ((y < 0).any() or (y > top).any()):
+        if check_values and b and ((y < 0).any() or (y > top).any()):
             null = f" ({cfg.num_classes} = null class)" if self.y_embedder.has_null else ""
             raise ValueError(
                 f"labels must lie in [0, {top}]{null}, got min {y.min().item()}, max {y.max().item()}"
@@ -347,18 +366,23 @@ class LatentDiT(nn.Module, HubMixin):
         self,
         x: torch.Tensor,
         t: torch.Tensor | float,
-        y: torch.Tensor,
+        y: torch.Tensor | None = None,
         *,
         force_drop_ids: torch.Tensor | None = None,
         check_time: bool = True,
+        check_values: bool = True,
     ) -> torch.Tensor:
         """Velocity ``v(x_t, t, y)``; see the class docstring. ``force_drop_ids`` (B,) bool/int:
         rows to replace by the null class, in any mode (no random draw then). ``check_time=False``
-        allows t outside [0, 1] (adaptive ODE solvers probe past t = 1 and interpolate back)."""
+        allows t outside [0, 1] (adaptive ODE solvers probe past t = 1 and interpolate back).
+        ``check_values=False`` skips the checks that read t and y back to the host (a sampler
+        validates once before its loop); shapes are always checked."""
         if not torch.compiler.is_compiling():
-            t, y = self._check_inputs(x, t, y, check_time)
+            t, y = self._check_inputs(x, t, y, check_time, check_values)
         x = self.x_embedder(x) + self.pos_embed  # (B, N, D)
-        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)  # (B, D)
+        c = self.t_embedder(t)  # (B, D)
+        if self.y_embedder is not None:
+            c = c + self.y_embedder(y, self.training, force_drop_ids)  # (B, D)
         use_ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.blocks:
             if use_ckpt:
@@ -393,6 +417,9 @@ class LatentDiT(nn.Module, HubMixin):
           elsewhere both halves carry the conditional output. ``(start, 1.0)`` reproduces the
           reference's ``cfg_interval_start`` rule (unguided iff ``t < start``, strict).
         """
+        if self.null_class is None:
+            raise ValueError("forward_with_cfg needs a null class: this LatentDiT has none "
+                             "(class_dropout_prob=0 or num_classes=0)")
         n = x.shape[0]
         if n % 2:
             raise ValueError(f"forward_with_cfg expects an even (doubled) batch, got {n} rows")

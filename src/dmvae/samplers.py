@@ -28,7 +28,9 @@ from typing import Any, Literal
 
 import torch
 
-from dmvae.transport import _check_interval, apply_guidance, shift_time
+from dmvae._utils import unwrap_model
+from dmvae.transport import _check_interval, guided_velocity, resolve_labels, shift_time
+from dmvae.transport import null_label as _null_label_of
 
 __all__ = ["METHODS", "sample", "sde_time_grid", "time_grid"]
 
@@ -64,57 +66,59 @@ def _check_steps(num_steps: Any) -> None:
 
 def _velocity_fn(
     model: Callable[..., torch.Tensor],
-    labels: torch.Tensor,
+    labels: torch.Tensor | None,
     cfg_scale: float,
     cfg_interval: tuple[float, float] | None,
     guidance_channels: int | None,
-    null_label: int | None,
+    null: int | None,
     eval_times: list[float] | None,
-    extrapolate: bool = False,
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``v(x, t_scalar)`` with the model called on a (B,) time vector, guided if requested.
+    model_kwargs: dict[str, Any],
+) -> Callable[..., torch.Tensor]:
+    """``v(x, t, t_host=None)``: the (guided) velocity at the 0-d time tensor ``t``.
 
-    ``extrapolate``: the solver may evaluate past t = 1 (dopri5); a LatentDiT is then told not to
-    reject such times."""
-    from dmvae.dit import LatentDiT
+    ``t_host`` is the same time as a Python float when the caller knows it without asking the
+    device (the fixed grids, read once before the loop): outside ``cfg_interval`` the guided
+    velocity IS the conditional one, so that step runs the conditional rows only. Adaptive solvers
+    pass no ``t_host`` and get the per-row interval rule of :func:`apply_guidance`. Nothing here
+    reads a tensor back to the host unless ``eval_times`` asks for the times."""
+    guided = cfg_scale != 1.0 and labels is not None
+    lo, hi = _check_interval(cfg_interval) if cfg_interval is not None else (0.0, 1.0)
 
-    if null_label is None:
-        null_label = getattr(model, "null_class", getattr(model, "num_classes", None))
-    if extrapolate and isinstance(model, LatentDiT):
-        base = model
-
-        def model(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return base(x, t, y, check_time=False)
-
-    guided = cfg_scale != 1.0
-    if guided:
-        if null_label is None:
-            raise ValueError(
-                "classifier-free guidance needs the null label: the model has no null class "
-                "(class_dropout_prob == 0) and null_label= was not given"
-            )
-        y_in = torch.cat([labels, torch.full_like(labels, int(null_label))])  # (2B,)
-
-    def v(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def v(x: torch.Tensor, t: torch.Tensor, t_host: float | None = None) -> torch.Tensor:
         if eval_times is not None:
-            eval_times.append(float(t))
-        b = x.shape[0]
-        if not guided:
-            return model(x, t.expand(b), labels).to(x.dtype)
-        tt = t.expand(2 * b)
-        out = model(torch.cat([x, x]), tt, y_in)  # (2B, C, H, W): one forward, cond + uncond
-        cond, uncond = out.chunk(2)
-        g, _ = apply_guidance(cond, uncond, cfg_scale, tt[:b], cfg_interval=cfg_interval,
-                              guidance_channels=guidance_channels)
-        return g.to(x.dtype)
+            eval_times.append(t_host if t_host is not None else float(t))
+        scale, interval = cfg_scale, cfg_interval
+        if guided and t_host is not None and cfg_interval is not None:
+            scale, interval = (cfg_scale, None) if lo <= t_host <= hi else (1.0, None)
+        return guided_velocity(model, x, t, labels, scale, null=null, cfg_interval=interval,
+                               guidance_channels=guidance_channels, **model_kwargs)
 
     return v
+
+
+def _prepare(
+    model: Callable[..., torch.Tensor], noise: torch.Tensor, labels: torch.Tensor | None,
+    null: int | None, guided: bool, extrapolate: bool,
+) -> dict[str, Any]:
+    """Validate once, before the loop, what a LatentDiT would check at every step, and return the
+    keyword arguments that skip those per-step checks (they read tensors back to the host)."""
+    from dmvae.dit import LatentDiT
+
+    m = unwrap_model(model)
+    if not isinstance(m, LatentDiT):
+        return {}
+    y = labels
+    if guided and labels is not None:
+        y = torch.cat([labels, torch.full_like(labels, null)])
+        noise = torch.cat([noise, noise])
+    m._check_inputs(noise, torch.zeros((), device=noise.device), y)
+    return {"check_values": False} if not extrapolate else {"check_values": False, "check_time": False}
 
 
 def sample(
     model: Callable[..., torch.Tensor],
     noise: torch.Tensor,
-    labels: torch.Tensor | Sequence[int],
+    labels: torch.Tensor | Sequence[int] | None = None,
     *,
     num_steps: int,
     method: Method = "euler",
@@ -138,7 +142,9 @@ def sample(
         model: ``model(x, t, y) -> v`` with x (B, C, H, W), t (B,) in [0, 1], y (B,) int (a
             :class:`~dmvae.dit.LatentDiT`, or any callable; ``null_label`` is then needed for CFG).
         noise: the starting point x(0), (B, C, H, W).
-        labels: (B,) conditional class labels (the sampler adds the null rows for CFG itself).
+        labels: (B,) conditional class labels (the sampler adds the null rows for CFG itself), or
+            None: an unconditional model (``num_classes=0``) takes none, a conditional one then
+            samples its unconditional branch (the null class).
         num_steps: integration steps (NOT grid points; reference ``num_steps=8`` is 7 here).
         method: ``"euler"``, ``"heun"``, ``"euler-maruyama"`` or ``"dopri5"`` (torchdiffeq).
         cfg_scale: guidance scale ``s`` in ``u + s (c - u)``; 1 = no guidance (single forward).
@@ -152,7 +158,8 @@ def sample(
         generator: source of the SDE noise (ignored by the ODE methods).
         sde_noise: SDE only: inject the standard-normal draws, a (num_steps, B, C, H, W) tensor or
             a callable ``(step, x) -> eps``; overrides ``generator``.
-        null_label: label id of the unconditional class (default: ``model.null_class``).
+        null_label: label id of the unconditional class (default:
+            :func:`dmvae.transport.null_label`, i.e. ``model.null_class``).
         atol, rtol: dopri5 tolerances (reference defaults).
         progress: show a tqdm bar over the steps.
         return_trajectory: also return the states, (num_points, B, C, H, W). For the ODE methods
@@ -168,17 +175,32 @@ def sample(
         raise ValueError(f"unknown sampling method {method!r}; choose one of {METHODS}")
     if not isinstance(noise, torch.Tensor) or noise.ndim < 2:
         raise ValueError("noise must be a batched tensor (B, C, H, W)")
-    labels = torch.as_tensor(labels, device=noise.device)
-    if labels.is_floating_point() or labels.shape != (noise.shape[0],):
-        raise ValueError(
-            f"labels must be ({noise.shape[0]},) integer class ids (conditional only), got "
-            f"shape {tuple(labels.shape)} dtype {labels.dtype}"
-        )
+    if labels is not None:
+        labels = torch.as_tensor(labels, device=noise.device)
+        if labels.is_floating_point() or labels.shape != (noise.shape[0],):
+            raise ValueError(
+                f"labels must be ({noise.shape[0]},) integer class ids (conditional only), got "
+                f"shape {tuple(labels.shape)} dtype {labels.dtype}"
+            )
+        m = unwrap_model(model)
+        if hasattr(m, "num_classes") and m.num_classes == 0:
+            raise ValueError(f"{type(m).__name__} is unconditional (num_classes=0): pass labels=None")
+    else:
+        labels = resolve_labels(model, None, noise.shape[0], noise.device)
     if cfg_interval is not None:
         _check_interval(cfg_interval)
     _check_steps(num_steps)
-    v = _velocity_fn(model, labels, float(cfg_scale), cfg_interval, guidance_channels, null_label,
-                     eval_times, extrapolate=method == "dopri5")
+    cfg_scale = float(cfg_scale)
+    guided = cfg_scale != 1.0 and labels is not None
+    null = _null_label_of(model) if null_label is None else null_label
+    if guided and null is None:
+        raise ValueError(
+            "classifier-free guidance needs the null label: the model has no null class "
+            "(class_dropout_prob == 0) and null_label= was not given"
+        )
+    model_kwargs = _prepare(model, noise, labels, null, guided, extrapolate=method == "dopri5")
+    v = _velocity_fn(model, labels, cfg_scale, cfg_interval, guidance_channels, null, eval_times,
+                     model_kwargs)
 
     with torch.no_grad():
         if method == "euler-maruyama":
@@ -188,7 +210,7 @@ def sample(
                     "time_dist_shift in SDE mode); pass time_shift=1.0 or use an ODE method"
                 )
             x, traj = _sde_euler_maruyama(v, noise, num_steps, last_step_size, generator, sde_noise,
-                                          progress)
+                                          progress, keep=return_trajectory)
         else:
             grid = time_grid(num_steps, time_shift, device=noise.device)
             if method == "dopri5":
@@ -218,12 +240,13 @@ def _fixed_grid(
     keep: bool,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     traj = [x] if keep else []
+    times = grid.tolist()  # the grid's values on the host, read once (no sync inside the loop)
     for k in _steps(len(grid) - 1, progress, "heun" if heun else "euler"):
         t0, t1 = grid[k], grid[k + 1]
         dt = t1 - t0
-        k1 = v(x, t0)
+        k1 = v(x, t0, times[k])
         if heun:
-            k2 = v(x + k1 * dt, t1)
+            k2 = v(x + k1 * dt, t1, times[k + 1])
             x = x + dt * (0.5 * k1 + 0.5 * k2)
         else:
             x = x + dt * k1
@@ -240,17 +263,21 @@ def _sde_euler_maruyama(
     generator: torch.Generator | None,
     sde_noise: torch.Tensor | Callable[[int, torch.Tensor], torch.Tensor] | None,
     progress: bool,
+    keep: bool,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Euler-Maruyama; ``keep`` collects the states for ``return_trajectory`` (else none is held)."""
     grid = sde_time_grid(num_steps, last_step_size, device=x.device)
+    times = grid.tolist()  # host copy, read once
     if isinstance(sde_noise, torch.Tensor) and sde_noise.shape != (num_steps, *x.shape):
         raise ValueError(
             f"sde_noise must have shape {(num_steps, *x.shape)}, got {tuple(sde_noise.shape)}"
         )
     dt = grid[1] - grid[0]  # the reference uses one step size for the whole (uniform) grid
 
-    def drift(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def drift(x: torch.Tensor, k: int) -> torch.Tensor:
         # v + w(t) * score with w = 1 - t and score = (t v - x) / (1 - t)  ==  (1 + t) v - x
-        return (1 + t) * v(x, t) - x
+        t = grid[k]
+        return (1 + t) * v(x, t, times[k]) - x
 
     traj: list[torch.Tensor] = []
     for k in _steps(num_steps, progress, "euler-maruyama"):
@@ -264,11 +291,13 @@ def _sde_euler_maruyama(
         else:
             eps = sde_noise(k, x)
         dw = eps * torch.sqrt(dt)
-        mean_x = x + drift(x, t) * dt
+        mean_x = x + drift(x, k) * dt
         x = mean_x + torch.sqrt(2 * (1 - t)) * dw
+        if keep:
+            traj.append(x)
+    x = x + drift(x, num_steps) * last_step_size  # "Mean" last step, no noise
+    if keep:
         traj.append(x)
-    x = x + drift(x, grid[-1]) * last_step_size  # "Mean" last step, no noise
-    traj.append(x)
     return x, traj
 
 

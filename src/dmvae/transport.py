@@ -19,6 +19,12 @@ Derived quantities (for a model velocity v at (x_t, t)):
 The singular conversions clamp the divisor from below by ``eps`` (default 1e-5) instead of
 producing inf/nan; results within ``eps`` of the singular time are therefore approximations.
 
+Calling a velocity model (one home for each convention, used by the samplers, the DM loss and the
+priors): :func:`null_label` finds the label of a model's unconditional branch, :func:`resolve_labels`
+fills in labels the caller left out, :func:`guided_velocity` runs conditional and unconditional
+rows in ONE forward of the doubled batch and combines them with :func:`apply_guidance`, and
+:func:`call_model` reshapes vector latents (B, D) to a network's (B, C, H, W) input and back.
+
 Time shift (reference ``time_dist_shift``): ``t' = 1 - s(1 - t) / (1 + (s - 1)(1 - t))``. With
 ``s > 1`` the times move toward 0, i.e. more of a uniform grid is spent near the noise.
 """
@@ -31,15 +37,23 @@ from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 import torch
+from torch import nn
 
 from dmvae._config import ConfigMixin
+from dmvae._utils import unwrap_model
 
 __all__ = [
     "FlowMatching",
     "FlowMatchingConfig",
     "FlowMatchingLoss",
     "apply_guidance",
+    "call_model",
+    "check_time",
+    "guided_velocity",
     "interpolate",
+    "null_label",
+    "resolve_labels",
+    "sample_shape",
     "noise_from_velocity",
     "sample_time",
     "score_from_velocity",
@@ -50,6 +64,17 @@ __all__ = [
 ]
 
 DEFAULT_EPS = 1e-5
+
+
+def check_time(t: torch.Tensor) -> torch.Tensor:
+    """Raise ``ValueError`` unless every t is a number in [0, 1] (NaN is refused); returns t.
+
+    For times that come from the caller (training and losses); a sampler's own grid is valid
+    by construction and is not checked (this check reads the values back to the host)."""
+    if t.numel() and not bool(((t >= 0) & (t <= 1)).all()):
+        bad = t[~((t >= 0) & (t <= 1))]
+        raise ValueError(f"t must lie in [0, 1] (t = 0 noise, t = 1 data), got {bad.flatten()[:4].tolist()}")
+    return t
 
 
 def _expand(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -192,6 +217,49 @@ def apply_guidance(
     return torch.cat([guided, cond[:, k:]], dim=1), torch.cat([guided, uncond[:, k:]], dim=1)
 
 
+def guided_velocity(
+    model: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    t: torch.Tensor,
+    labels: torch.Tensor | None,
+    cfg_scale: float = 1.0,
+    *,
+    null: int | None = None,
+    cfg_interval: tuple[float, float] | None = None,
+    guidance_channels: int | None = None,
+    **model_kwargs: Any,
+) -> torch.Tensor:
+    """The (guided) velocity of ``model`` at ``(x, t)``, in ``x``'s dtype.
+
+    With ``cfg_scale == 1`` or ``labels is None`` (an unconditional model): one plain forward
+    ``model(x, t, labels)``. Otherwise the conditional and unconditional rows run in ONE forward of
+    the doubled batch ``([x; x], [t; t], [labels; null])`` and are combined by
+    :func:`apply_guidance`, ``u + s (c - u)``. ``null`` is the unconditional label (default:
+    :func:`null_label` of the model). ``t`` is a (B,) tensor or a 0-d tensor (expanded, no copy),
+    never a Python float, so a compiled model sees the same input types at every step.
+    """
+    b = x.shape[0]
+    t = torch.as_tensor(t, device=x.device)
+    if t.ndim == 0:
+        t = t.expand(b)
+    if cfg_scale == 1.0 or labels is None:
+        return call_model(model, x, t, labels, **model_kwargs).to(x.dtype)
+    if null is None:
+        null = null_label(model)
+    if null is None:
+        raise ValueError(
+            "classifier-free guidance needs the null label: "
+            f"{type(unwrap_model(model)).__name__} has no null class (a LatentDiT built with "
+            "class_dropout_prob=0) and no null label was given"
+        )
+    y = torch.cat([labels, torch.full_like(labels, null)])
+    out = call_model(model, torch.cat([x, x]), torch.cat([t, t]), y, **model_kwargs).to(x.dtype)  # (2B, ...): conditional rows, then unconditional rows
+    cond, uncond = out.chunk(2)
+    guided, _ = apply_guidance(cond, uncond, cfg_scale, t, cfg_interval=cfg_interval,
+                               guidance_channels=guidance_channels)
+    return guided
+
+
 def _check_interval(cfg_interval: Any) -> tuple[float, float]:
     try:
         lo, hi = (float(v) for v in cfg_interval)
@@ -200,6 +268,89 @@ def _check_interval(cfg_interval: Any) -> tuple[float, float]:
     if not 0.0 <= lo <= hi <= 1.0:
         raise ValueError(f"cfg_interval must satisfy 0 <= lo <= hi <= 1, got {cfg_interval!r}")
     return lo, hi
+
+
+# ------------------------------------------------------------------------------------------------
+# labels and shapes of a velocity model
+# ------------------------------------------------------------------------------------------------
+
+
+def null_label(model: Any) -> int | None:
+    """The label of ``model``'s unconditional branch, or None when it has none.
+
+    One rule for every velocity model (wrappers such as DDP and ``torch.compile`` are looked
+    through): a :class:`~dmvae.dit.LatentDiT` has ``null_class`` (its ``num_classes``; None when
+    it was built with ``class_dropout_prob=0`` or is unconditional); a class-conditional
+    :class:`~dmvae.priors.ReferencePrior` uses label ``num_classes`` for its unconditional
+    mixture; any other callable has none unless it defines ``null_class``.
+    """
+    m = unwrap_model(model)
+    if hasattr(m, "null_class"):
+        return m.null_class
+    nc = getattr(m, "num_classes", None)
+    return nc if nc else None
+
+
+def resolve_labels(
+    model: Any, labels: torch.Tensor | None, batch: int, device: torch.device | str | None = None
+) -> torch.Tensor | None:
+    """The labels to call ``model`` with when the caller's may be missing.
+
+    * an unconditional model (``num_classes`` None or 0) gets None: one label vector can serve a
+      conditional and an unconditional network side by side;
+    * given labels are returned as they are;
+    * missing labels become the null label (the unconditional branch), or class 0 for a
+      one-class model without a null row; a many-class model without one raises.
+    """
+    m = unwrap_model(model)
+    if hasattr(m, "num_classes") and not m.num_classes:
+        return None
+    if labels is not None:
+        return labels
+    null = null_label(model)
+    if null is not None:
+        return torch.full((batch,), null, dtype=torch.long, device=device)
+    nc = getattr(m, "num_classes", None)
+    if nc is None:
+        return None  # a plain callable without labels
+    if nc == 1:
+        return torch.zeros((batch,), dtype=torch.long, device=device)
+    raise ValueError(
+        f"{type(m).__name__} has {nc} classes and no null class (class_dropout_prob=0): pass labels"
+    )
+
+
+def sample_shape(model: Any) -> tuple[int, ...] | None:
+    """Shape of one input of ``model`` without the batch dimension, when the model declares it:
+    ``(in_channels, input_size, input_size)`` of a LatentDiT, ``shape`` of a ReferencePrior."""
+    m = unwrap_model(model)
+    cfg = getattr(m, "config", None)
+    if cfg is not None and all(hasattr(cfg, a) for a in ("in_channels", "input_size")):
+        return (cfg.in_channels, cfg.input_size, cfg.input_size)
+    shape = getattr(m, "shape", None)
+    if isinstance(m, nn.Module) and isinstance(shape, tuple):
+        return shape
+    return None
+
+
+def call_model(
+    model: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    t: torch.Tensor,
+    labels: torch.Tensor | None,
+    **model_kwargs: Any,
+) -> torch.Tensor:
+    """``model(x, t, labels)`` with ``x`` reshaped to the model's input shape and the output back.
+
+    Lets vector latents (B, D) meet a LatentDiT over (B, C, H, W) with C H W = D (e.g. 2-D points
+    and a one-token DiT over (2, 1, 1)); any other shape is passed through unchanged, so the
+    model's own shape check reports a real mismatch.
+    """
+    shape = sample_shape(model)
+    if shape is None or tuple(x.shape[1:]) == shape or math.prod(x.shape[1:]) != math.prod(shape):
+        return model(x, t, labels, **model_kwargs)
+    out = model(x.reshape(x.shape[0], *shape), t, labels, **model_kwargs)
+    return out.reshape(x.shape)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -284,8 +435,7 @@ class FlowMatching:
                 t = t.expand(b)
             if t.shape != (b,):
                 raise ValueError(f"t must have shape ({b},), got {tuple(t.shape)}")
-            if (t < 0).any() or (t > 1).any():
-                raise ValueError("t must lie in [0, 1] (t = 0 noise, t = 1 data)")
+            check_time(t)
         x_t = interpolate(x1, noise, t)  # (B, ...)
         target = x1 - noise  # velocity x1 - x0
         pred = model(x_t, t, labels, **model_kwargs)
