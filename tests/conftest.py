@@ -1,8 +1,13 @@
-"""Shared test fixtures: paths to the upstream golden files and small helpers."""
+"""Shared test fixtures: the upstream golden files, the seed, and ``max_abs``.
+
+Tests take these as fixtures (``def test_x(fixtures_dir, max_abs)``); a test never imports
+``conftest`` by name (pytest loads it as a plugin; a second import would be a second module).
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 # Tests never touch the network: huggingface_hub reads this once, at import, so set it first.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,5 +49,11 @@ def _deterministic_seed() -> None:
     torch.manual_seed(0)
 
 
-def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
+
+
+@pytest.fixture(scope="session")
+def max_abs() -> Callable[[torch.Tensor, torch.Tensor], float]:
+    """``max_abs(a, b)``: the largest absolute difference of two tensors, computed in float64."""
+    return _max_abs

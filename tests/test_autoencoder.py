@@ -12,13 +12,6 @@ import torch
 from dmvae.autoencoder import DMVAE, DMVAEConfig, DMVAEOutput, grid_to_tokens, list_presets, tokens_to_grid
 from dmvae.hub import CheckpointError
 
-try:
-    from conftest import max_abs
-except ImportError:  # pragma: no cover
-
-    def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
-        return (a.double() - b.double()).abs().max().item()
-
 
 # A 32x32 input is a 2x2 latent grid: the cheapest size that exercises everything.
 SMALL = 32
@@ -228,7 +221,7 @@ def test_freeze_switches() -> None:
     assert all(p.requires_grad for p in model.encoder.parameters())
 
 
-def test_slicing_matches_one_batch(tiny: DMVAE) -> None:
+def test_slicing_matches_one_batch(tiny: DMVAE, max_abs) -> None:
     x = _images(5)
     with torch.no_grad():
         z_full = tiny.encode(x)
@@ -249,7 +242,7 @@ def test_slicing_matches_one_batch(tiny: DMVAE) -> None:
         tiny.encode(x, chunk_size=-1)
 
 
-def test_normalize_denormalize_inverse() -> None:
+def test_normalize_denormalize_inverse(max_abs) -> None:
     model = DMVAE(DMVAEConfig.from_preset("dmvae-tiny", latent_mean=0.0685, latent_scale=0.1763))
     z = torch.randn(2, 8, 3, 3) * 5
     z_n = model.normalize_latents(z)
@@ -262,7 +255,7 @@ def test_normalize_denormalize_inverse() -> None:
         assert max_abs(model.decode(model.normalize_latents(raw)), model.decode(raw, normalize=False)) <= 1e-5
 
 
-def test_dtype_and_autocast(tiny: DMVAE) -> None:
+def test_dtype_and_autocast(tiny: DMVAE, max_abs) -> None:
     x = _images(1)
     with torch.no_grad():
         ref = tiny.decode(tiny.encode(x.double()))  # float64 input is cast to the model dtype
@@ -280,7 +273,7 @@ def test_dtype_and_autocast(tiny: DMVAE) -> None:
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_device_move_and_autocast(tiny: DMVAE) -> None:
+def test_cuda_device_move_and_autocast(tiny: DMVAE, max_abs) -> None:
     model = DMVAE("dmvae-tiny").eval()
     model.load_state_dict(tiny.state_dict())
     x = _images(2)

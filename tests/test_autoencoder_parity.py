@@ -19,13 +19,6 @@ from safetensors.torch import load_file
 from dmvae.autoencoder import DMVAE, DMVAEConfig, grid_to_tokens, tokens_to_grid
 from dmvae.hub import CheckpointError, load_state_dict_strict
 
-try:
-    from conftest import max_abs
-except ImportError:  # pragma: no cover
-
-    def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
-        return (a.double() - b.double()).abs().max().item()
-
 
 TOKEN_ATOL = 1e-5
 # Measured: encoder features/tokens bitwise equal, images <= 6.2e-6 (1 or 2 threads). 2e-5 keeps a
@@ -98,7 +91,7 @@ def test_reference_state_dict_has_exactly_our_keys_and_shapes(model: DMVAE, chec
 
 @pytest.mark.parametrize("key,outputs", WEIGHT_SETS)
 def test_encode_decode_forward_parity(
-    model: DMVAE, checkpoint: dict, inputs: dict, vae_dir: Path, key: str, outputs: str
+    model: DMVAE, checkpoint: dict, inputs: dict, vae_dir: Path, key: str, outputs: str, max_abs
 ) -> None:
     model = _loaded(model, checkpoint, key)
     ref = load_file(str(vae_dir / f"{outputs}.safetensors"))
@@ -128,7 +121,7 @@ def test_encode_decode_forward_parity(
         assert max_abs(rec, ref["decode_z_rand"]) <= IMAGE_ATOL
 
 
-def test_weight_sets_differ_visibly(model: DMVAE, checkpoint: dict, inputs: dict) -> None:
+def test_weight_sets_differ_visibly(model: DMVAE, checkpoint: dict, inputs: dict, max_abs) -> None:
     """Guards against a test that passes whatever weights are loaded."""
     with torch.no_grad():
         raw = _loaded(model, checkpoint, "vae_wo_ddp").encode(inputs["x"], normalize=False)
@@ -136,7 +129,7 @@ def test_weight_sets_differ_visibly(model: DMVAE, checkpoint: dict, inputs: dict
     assert max_abs(raw, ema) > 0.1
 
 
-def test_normalized_latents_follow_the_formula(config: DMVAEConfig, checkpoint: dict, inputs: dict, vae_dir: Path) -> None:
+def test_normalized_latents_follow_the_formula(config: DMVAEConfig, checkpoint: dict, inputs: dict, vae_dir: Path, max_abs) -> None:
     model = DMVAE(config.replace(latent_mean=0.25, latent_scale=1.75)).eval()
     _loaded(model, checkpoint, "vae_ema")
     ref = load_file(str(vae_dir / "outputs_ema.safetensors"))
@@ -152,7 +145,7 @@ def test_normalized_latents_follow_the_formula(config: DMVAEConfig, checkpoint: 
 
 @pytest.mark.parametrize("use_ema,key,outputs", [(True, "vae_ema", "outputs_ema"), (False, "vae_wo_ddp", "outputs_raw")])
 def test_from_pretrained_reference_checkpoint(
-    vae_dir: Path, checkpoint: dict, inputs: dict, use_ema: bool, key: str, outputs: str
+    vae_dir: Path, checkpoint: dict, inputs: dict, use_ema: bool, key: str, outputs: str, max_abs
 ) -> None:
     model = DMVAE.from_pretrained(vae_dir / "vae.pt", config="dmvae-tiny", use_ema=use_ema)
     assert not model.training

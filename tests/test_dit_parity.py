@@ -11,12 +11,6 @@ from safetensors.torch import load_file
 from dmvae.dit import LatentDiT, LatentDiTConfig, create_model
 from dmvae.hub import read_torch_checkpoint
 
-try:
-    from conftest import max_abs
-except ImportError:  # pragma: no cover
-    def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
-        return (a.double() - b.double()).abs().max().item()
-
 TOL = 1e-4
 
 
@@ -37,7 +31,7 @@ def inputs(dit_dir):
 
 
 @pytest.mark.parametrize("weights", ["model", "ema"])
-def test_forward_and_cfg_parity(dit_dir, config, inputs, weights):
+def test_forward_and_cfg_parity(dit_dir, config, inputs, weights, max_abs):
     model = LatentDiT.from_pretrained(dit_dir / "ckpt.pt", config=config, use_ema=weights == "ema")
     assert not model.training
     ref = load_file(dit_dir / f"outputs_{weights}.safetensors")
@@ -70,7 +64,7 @@ def test_cfg_interval_semantics(dit_dir, config, inputs):
         torch.testing.assert_close(eq, guided, rtol=0, atol=0)
 
 
-def test_fixed_tensors_match_reference(dit_dir, config):
+def test_fixed_tensors_match_reference(dit_dir, config, max_abs):
     """pos_embed and the RoPE tables we compute equal the ones stored in the reference checkpoint."""
     model = LatentDiT(config)
     ref = read_torch_checkpoint(dit_dir / "ckpt.pt")["ema"]

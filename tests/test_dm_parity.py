@@ -14,10 +14,6 @@ from dmvae.dm_loss import DistributionMatchingLoss
 TOL = 1e-4
 
 
-def _max_abs(a, b):
-    return (a.double() - b.double()).abs().max().item()
-
-
 @pytest.fixture(scope="module")
 def setup(fixtures_dir):
     manifest = json.loads((fixtures_dir / "dit" / "manifest.json").read_text())
@@ -33,62 +29,56 @@ def setup(fixtures_dir):
 
 
 @pytest.mark.parametrize("case,scale", [("cfg1", 1.0), ("cfg5", 5.0)])
-def test_dm_gradient_and_loss_match_reference(setup, case, scale):
+def test_dm_gradient_and_loss_match_reference(setup, case, scale, max_abs, fixtures_dir):
     teacher, student, d = setup
     loss_fn = DistributionMatchingLoss(teacher, student, cfg_scale=scale)
     z = d["latents"].clone().requires_grad_(True)
     loss, bd = loss_fn(z, d["labels"], t=d[f"{case}/t"], noise=d["noise_x0"])
-    assert _max_abs(bd.x_t, d[f"{case}/xt"]) <= TOL
-    assert _max_abs(bd.pred_real, d[f"{case}/pred_teacher"]) <= TOL
-    assert _max_abs(bd.pred_fake, d[f"{case}/pred_student"]) <= TOL
-    assert _max_abs(bd.weight_factor, d[f"{case}/weight_factor"]) <= TOL
-    assert _max_abs(bd.grad, d[f"{case}/grad"]) <= TOL
+    assert max_abs(bd.x_t, d[f"{case}/xt"]) <= TOL
+    assert max_abs(bd.pred_real, d[f"{case}/pred_teacher"]) <= TOL
+    assert max_abs(bd.pred_fake, d[f"{case}/pred_student"]) <= TOL
+    assert max_abs(bd.weight_factor, d[f"{case}/weight_factor"]) <= TOL
+    assert max_abs(bd.grad, d[f"{case}/grad"]) <= TOL
     assert abs(loss.item() - d[f"{case}/loss"].item()) <= TOL
     # the surrogate's gradient w.r.t. the latents is g / numel (and nothing else)
     loss.backward()
-    assert _max_abs(z.grad * z.numel(), d[f"{case}/grad"]) <= TOL
+    assert max_abs(z.grad * z.numel(), d[f"{case}/grad"]) <= TOL
     # gradient() returns g itself, for the same injected draws
     g = loss_fn.gradient(d["latents"], d["labels"], t=d[f"{case}/t"], noise=d["noise_x0"])
-    assert _max_abs(g, d[f"{case}/grad"]) <= TOL
+    assert max_abs(g, d[f"{case}/grad"]) <= TOL
     # the reference's logged gradient norm
-    man = json.loads(_manifest_path().read_text())
+    man = json.loads((fixtures_dir / "dmd" / "manifest.json").read_text())
     assert abs(bd.grad_norm.item() - man["cases"][case]["log"]["dmd_gradient_norm"]) <= 1e-3
 
 
-def _manifest_path():
-    from conftest import FIXTURES
-
-    return FIXTURES / "dmd" / "manifest.json"
-
-
-def test_cfg_uses_both_null_branches(setup):
+def test_cfg_uses_both_null_branches(setup, max_abs):
     teacher, student, d = setup
     loss_fn = DistributionMatchingLoss(teacher, student, cfg_scale=5.0)
     _, bd = loss_fn(d["latents"], d["labels"], t=d["cfg5/t"], noise=d["noise_x0"])
     t = d["cfg5/t"][:, None, None, None]
     v_t = d["cfg5/teacher_cond"] + 4.0 * (d["cfg5/teacher_cond"] - d["cfg5/teacher_uncond"])
-    assert _max_abs(bd.pred_real, d["cfg5/xt"] + (1 - t) * v_t) <= TOL
-    assert _max_abs(d["cfg5/v_teacher"], v_t) <= TOL
+    assert max_abs(bd.pred_real, d["cfg5/xt"] + (1 - t) * v_t) <= TOL
+    assert max_abs(d["cfg5/v_teacher"], v_t) <= TOL
 
 
-def test_fake_loss_matches_reference_eval_mode(setup):
+def test_fake_loss_matches_reference_eval_mode(setup, max_abs):
     teacher, student, d = setup
     loss_fn = DistributionMatchingLoss(teacher, student)
     assert not student.training
     mean, per = loss_fn.fake_loss(d["latents"], d["labels"], t=d["train/t"], noise=d["noise_x0"])
-    assert _max_abs(per, d["train/loss_per_sample"]) <= TOL
+    assert max_abs(per, d["train/loss_per_sample"]) <= TOL
     assert abs(mean.item() - d["train/loss_mean"].item()) <= TOL
     assert not student.training  # the loss never changes the mode
 
 
-def test_fake_loss_label_dropout_follows_train_mode(setup):
+def test_fake_loss_label_dropout_follows_train_mode(setup, max_abs):
     teacher, student, d = setup
     # with the reference's dropped labels fed explicitly, eval mode reproduces the train-mode case
     loss_fn = DistributionMatchingLoss(teacher, student)
     mean, per = loss_fn.fake_loss(
         d["latents"], d["train_labeldrop/effective_labels"], t=d["train/t"], noise=d["noise_x0"]
     )
-    assert _max_abs(per, d["train_labeldrop/loss_per_sample"]) <= TOL
+    assert max_abs(per, d["train_labeldrop/loss_per_sample"]) <= TOL
     # train mode: the fake model's own label dropout is active and the mode is left unchanged
     student.train()
     try:
@@ -108,4 +98,4 @@ def test_fake_loss_label_dropout_follows_train_mode(setup):
         assert student.training
     finally:
         student.eval()
-    assert _max_abs(g1, d["cfg1/grad"]) <= TOL
+    assert max_abs(g1, d["cfg1/grad"]) <= TOL

@@ -11,12 +11,6 @@ from safetensors.torch import load_file
 from dmvae.dit import LatentDiT, LatentDiTConfig
 from dmvae.samplers import sample, sde_time_grid, time_grid
 
-try:
-    from conftest import max_abs
-except ImportError:  # pragma: no cover
-    def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
-        return (a.double() - b.double()).abs().max().item()
-
 TOL = 1e-4
 
 
@@ -40,7 +34,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_sampler_parity(ema, ref, case):
+def test_sampler_parity(ema, ref, case, max_abs):
     kwargs = dict(CASES[case])
     if case == "e_sde_euler":
         kwargs["sde_noise"] = ref["e_sde_euler/brownian_normal"]
@@ -62,7 +56,7 @@ def ema_sample(ema, ref, kwargs, times):
                   eval_times=times, **kwargs)
 
 
-def test_dopri5_parity(ema, ref):
+def test_dopri5_parity(ema, ref, max_abs):
     pytest.importorskip("torchdiffeq")
     x, traj = sample(ema, ref["noise"], ref["labels"], num_steps=7, method="dopri5",
                      return_trajectory=True)
@@ -91,7 +85,7 @@ def gaussian_velocity(x, t, y):
 
 
 @pytest.mark.parametrize("method,order", [("euler", 1), ("heun", 2)])
-def test_convergence_order(method, order):
+def test_convergence_order(method, order, max_abs):
     z = torch.randn(32, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     y = torch.zeros(32, dtype=torch.long)
     exact = MU + SIG * z  # the ODE maps x0 = z to MU + SIG z
@@ -102,7 +96,7 @@ def test_convergence_order(method, order):
         assert 2**order * 0.85 < r < 2**order * 1.15, (method, errs, ratios)
 
 
-def test_sde_reproduces_gaussian_statistics():
+def test_sde_reproduces_gaussian_statistics(max_abs):
     n = 20000
     z = torch.randn(n, 1, 1, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     x = sample(gaussian_velocity, z, torch.zeros(n, dtype=torch.long), num_steps=249,
@@ -138,7 +132,7 @@ class CountingModel(torch.nn.Module):
         return self.inner(x, t, y)
 
 
-def test_cfg_scale_one_is_conditional(ema, ref):
+def test_cfg_scale_one_is_conditional(ema, ref, max_abs):
     counted = CountingModel(ema)
     a = sample(counted, ref["noise"], ref["labels"], num_steps=3, cfg_scale=1.0)
     assert all(b == 4 for b, _ in counted.batches)  # no unconditional pass
@@ -159,7 +153,7 @@ def test_cfg_batches_cond_and_uncond_in_one_forward(ema, ref):
         assert torch.equal(y[:4], ref["labels"]) and (y[4:] == ema.num_classes).all()
 
 
-def test_legacy_three_channel_guidance_matches_reference_batch(ema, ref):
+def test_legacy_three_channel_guidance_matches_reference_batch(ema, ref, max_abs):
     """guidance_channels=3 on the sampler == integrating the reference's doubled batch."""
     ours = sample(ema, ref["noise"], ref["labels"], num_steps=4, cfg_scale=4.0, guidance_channels=3)
     x = torch.cat([ref["noise"], ref["noise"]])
@@ -174,7 +168,7 @@ def test_legacy_three_channel_guidance_matches_reference_batch(ema, ref):
     assert max_abs(ours, full) > 1e-3
 
 
-def test_cfg_interval_outside_equals_unguided(ema, ref):
+def test_cfg_interval_outside_equals_unguided(ema, ref, max_abs):
     a = sample(ema, ref["noise"], ref["labels"], num_steps=3, cfg_scale=4.0, cfg_interval=(0.95, 1.0))
     b = sample(ema, ref["noise"], ref["labels"], num_steps=3, cfg_scale=1.0)
     assert max_abs(a, b) <= 1e-5  # grid times 0, 1/3, 2/3 are all outside

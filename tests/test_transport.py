@@ -23,12 +23,6 @@ from dmvae.transport import (
     velocity_from_score,
 )
 
-try:
-    from conftest import max_abs
-except ImportError:  # pragma: no cover
-    def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
-        return (a.double() - b.double()).abs().max().item()
-
 
 @pytest.fixture(scope="module")
 def student(fixtures_dir) -> LatentDiT:
@@ -41,7 +35,7 @@ def dmd(fixtures_dir):
     return load_file(fixtures_dir / "dmd" / "dmd.safetensors")
 
 
-def test_training_loss_parity_eval(student, dmd):
+def test_training_loss_parity_eval(student, dmd, max_abs):
     student.eval()
     t = dmd["train/t"]
     assert max_abs(interpolate(dmd["latents"], dmd["noise_x0"], t), dmd["train/xt"]) <= 1e-6
@@ -55,7 +49,7 @@ def test_training_loss_parity_eval(student, dmd):
     assert loss.shape == () and per_sample.shape == (4,)
 
 
-def test_training_loss_parity_label_dropout(student, dmd):
+def test_training_loss_parity_label_dropout(student, dmd, max_abs):
     """Train mode with the reference's dropout draw injected: drop where drop_uniform < 0.1."""
     student.train()
     try:
@@ -72,7 +66,7 @@ def test_training_loss_parity_label_dropout(student, dmd):
     assert max_abs(out.per_sample, dmd["train/loss_per_sample"]) > 1e-3  # the drop mattered
 
 
-def test_dmd_fixture_x1_prediction(student, dmd):
+def test_dmd_fixture_x1_prediction(student, dmd, max_abs):
     """pred_student = x_t + (1 - t) v, the clean-data estimate used by the DM loss."""
     t, xt = dmd["cfg1/t"], dmd["cfg1/xt"]
     with torch.no_grad():
