@@ -1,8 +1,14 @@
-"""JSON round-trip for the library's dataclass configs.
+"""JSON round-trip, type checking and presets for the library's dataclass configs.
 
-Every model config (``DMVAEConfig``, ``LatentDiTConfig``) is a plain dataclass that inherits
+Every config (``DMVAEConfig``, ``LatentDiTConfig``, ...) is a plain dataclass that inherits
 :class:`ConfigMixin`, so ``config.json`` is exactly ``dataclasses.asdict(config)`` plus a
-``"_class_name"`` tag, and unknown keys are an error rather than silently dropped.
+``"_class_name"`` tag (the config class; files written before 0.2 carry the model class name, and
+both are read). Unknown keys and values of the wrong type are errors naming the field (and the
+file), never silently dropped or coerced.
+
+Model configs set ``model_class = "module:Class"`` and are built from named presets registered in
+:data:`dmvae._registry.MODELS` (:meth:`ConfigMixin.from_preset`); :func:`resolve_config` is the
+one place that turns "a config, a dict or a preset name" into a config instance.
 """
 
 from __future__ import annotations
@@ -10,74 +16,199 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from typing_extensions import Self
 
+__all__ = ["ConfigMixin", "resolve_config"]
+
 T = TypeVar("T")
 
+#: Every ConfigMixin subclass by its own name and by its model's name (for ``_class_name`` tags).
+_CONFIG_CLASSES: dict[str, type[ConfigMixin]] = {}
 
-def _coerce(value: Any, annotation: Any) -> Any:
-    """Turn JSON values back into the declared type (JSON has no tuples)."""
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _check_value(value: Any, annotation: Any, where: str) -> Any:
+    """``value`` converted to the declared type (JSON lists -> tuples, ints -> floats), or a
+    ``TypeError`` naming ``where``. Only the types configs use are checked; others pass."""
     origin = typing.get_origin(annotation)
-    if origin is tuple and isinstance(value, list):
-        return tuple(value)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        for arg in typing.get_args(annotation):
-            if typing.get_origin(arg) is tuple and isinstance(value, list):
-                return tuple(value)
+    args = typing.get_args(annotation)
+    if annotation is Any or annotation is object:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _check_value(value, arg, where)
+            except TypeError as e:
+                errors.append(str(e))
+        raise TypeError(f"{where}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise TypeError(f"{where}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_check_value(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if args and len(args) != len(value):
+            raise TypeError(f"{where}: expected {len(args)} items, got {len(value)}: {value!r}")
+        return tuple(_check_value(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin in (dict, Mapping) or annotation is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"{where}: expected a dict, got {type(value).__name__} {value!r}")
+        return value
+    if origin in (list,) or annotation is list:
+        if not isinstance(value, list):
+            raise TypeError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"{where}: expected true or false, got {type(value).__name__} {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{where}: expected an int, got {type(value).__name__} {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise TypeError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+        return value
     return value
 
 
 class ConfigMixin:
-    """Adds ``to_dict`` / ``from_dict`` / ``save`` / ``load`` to a dataclass."""
+    """Adds ``to_dict`` / ``from_dict`` / ``to_json`` / ``save`` / ``load`` / ``from_preset`` /
+    ``replace`` to a dataclass."""
+
+    #: ``"module:Class"`` of the model a config builds (model configs only).
+    model_class: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _CONFIG_CLASSES[cls.__name__] = cls
+
+    @classmethod
+    def model_name(cls) -> str:
+        """The class name of the model this config builds (``"DMVAE"``), else the config's own."""
+        return cls.model_class.rpartition(":")[2] or cls.__name__
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)  # type: ignore[call-overload]
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Self:
-        if not isinstance(data, dict):
+    def from_dict(cls, data: Mapping[str, Any]) -> Self:
+        """Build from a dict of fields (``_``-prefixed keys such as ``_class_name`` are ignored).
+        Unknown fields and values of the wrong type raise, naming the field."""
+        if not isinstance(data, Mapping):
             raise TypeError(f"{cls.__name__}.from_dict expects a dict, got {type(data).__name__}")
-        data = {k: v for k, v in data.items() if not k.startswith("_")}
+        data = {k: v for k, v in data.items() if not str(k).startswith("_")}
         fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - set(fields))
         if unknown:
-            raise ValueError(
-                f"unknown {cls.__name__} field(s) {unknown}; known fields: {sorted(fields)}"
-            )
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; known fields: {sorted(fields)}")
         hints = typing.get_type_hints(cls)
-        kwargs = {k: _coerce(v, hints.get(k, Any)) for k, v in data.items()}
+        kwargs = {k: _check_value(v, hints.get(k, Any), f"{cls.__name__}.{k}") for k, v in data.items()}
         return cls(**kwargs)
 
     def to_json(self) -> str:
+        """The ``config.json`` text: ``{"_class_name": <config class>, **fields}``."""
         return json.dumps({"_class_name": type(self).__name__, **self.to_dict()}, indent=2)
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        from dmvae.hub import atomic_write_text
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write :meth:`to_json` to ``path`` atomically."""
+        from dmvae._io import atomic_write_text
 
-        atomic_write_text(Path(path), self.to_json() + "\n")
+        return atomic_write_text(Path(path), self.to_json() + "\n")
+
+    @classmethod
+    def check_class_name(cls, data: Mapping[str, Any], source: str) -> None:
+        """Refuse a config written for another class (``config.json`` of a LatentDiT read as a
+        DMVAE config), saying what it is. Untagged dicts pass."""
+        tag = data.get("_class_name")
+        if tag is None or tag in (cls.__name__, cls.model_name()):
+            return
+        other = _CONFIG_CLASSES.get(str(tag)) or next(
+            (c for c in _CONFIG_CLASSES.values() if c.model_name() == tag), None
+        )
+        what = f"a {other.model_name()}" if other is not None else f"a {tag!r}"
+        hint = f": load it with dmvae.{other.model_name()}.from_pretrained" if other and other.model_class else ""
+        raise ValueError(f"{source} describes {what}, not a {cls.model_name()}{hint}")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Self:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
+        """Read a ``config.json``; every error names the file (and the field)."""
+        from dmvae._io import read_json
+
+        data = read_json(path, what=f"{cls.model_name()} config")
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object of {cls.__name__} fields, got {type(data).__name__}")
+        cls.check_class_name(data, str(path))
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from e
-        return cls.from_dict(data)
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from e
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> Self:
+        """The named configuration (``dmvae._registry.MODELS``), with some fields changed."""
+        from dmvae._registry import MODELS, UnknownNameError, _load_model_modules
+
+        _load_model_modules()
+        if name not in MODELS or not isinstance(config := MODELS.get(name)(), cls):
+            other = ""
+            if name in MODELS:
+                other = f"{name!r} is a {type(MODELS.get(name)()).model_name()} preset; "
+            raise UnknownNameError(
+                f"{other}unknown {cls.model_name()} preset {name!r}; known presets: {cls.preset_names()}"
+            )
+        return config.replace(**overrides) if overrides else config
+
+    @classmethod
+    def preset_names(cls) -> list[str]:
+        """Names :meth:`from_preset` accepts for this config class, sorted."""
+        from dmvae._registry import MODELS, _load_model_modules
+
+        _load_model_modules()
+        return [n for n in MODELS.names() if isinstance(MODELS.get(n)(), cls)]
 
     def replace(self, **overrides: Any) -> Self:
         """A copy with some fields changed (``dataclasses.replace`` with a clear error)."""
         fields = {f.name for f in dataclasses.fields(self)}  # type: ignore[arg-type]
         unknown = sorted(set(overrides) - fields)
         if unknown:
-            raise ValueError(
-                f"unknown {type(self).__name__} field(s) {unknown}; known fields: {sorted(fields)}"
-            )
+            raise ValueError(f"unknown {type(self).__name__} field(s) {unknown}; known fields: {sorted(fields)}")
         return dataclasses.replace(self, **overrides)  # type: ignore[type-var]
+
+
+def resolve_config(config_class: type[T], config: Any) -> T:
+    """A ``config_class`` instance from an instance, a dict of fields or a preset name."""
+    if isinstance(config, config_class):
+        return config
+    if isinstance(config, Mapping):
+        return config_class.from_dict(dict(config))  # type: ignore[attr-defined]
+    if isinstance(config, str):
+        return config_class.from_preset(config)  # type: ignore[attr-defined]
+    names = config_class.preset_names() if hasattr(config_class, "preset_names") else []
+    raise TypeError(
+        f"config must be a {config_class.__name__}, a dict or a preset name ({names}), "
+        f"got {type(config).__name__}"
+    )

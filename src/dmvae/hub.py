@@ -1,16 +1,18 @@
-"""Safe, strict weight I/O shared by every model in the library.
+"""Strict model loading and saving shared by every model in the library.
 
-What this module guarantees:
+What this module guarantees (file I/O itself lives in :mod:`dmvae._io`):
 
 * **No pickled code is ever executed.** Reference ``.pt`` files go through
   ``torch.load(weights_only=True)``; our own files are safetensors.
 * **Strict loading.** A state dict is checked against the model *before* anything is copied:
-  missing keys, unexpected keys and shape mismatches are all reported in one
+  missing keys, unexpected keys, shape mismatches and values of the wrong kind (integer or
+  complex where the model has floats, meta tensors) are all reported in one
   :class:`CheckpointError`, and the model is left untouched.
-* **Atomic writes.** Files are written to a temporary file in the destination directory and moved
-  into place with ``os.replace``, so an interrupted save never leaves a half-written file behind.
-* **Offline first.** Hugging Face repos are resolved through ``huggingface_hub.hf_hub_download``,
-  which honours ``HF_HUB_OFFLINE=1``, ``HF_HOME`` / ``HF_HUB_CACHE`` and ``cache_dir``.
+* **Atomic writes.** Every file is written to a temporary file and renamed into place, with the
+  normal permissions under the umask.
+* **Offline first.** Hugging Face repos are resolved through ``huggingface_hub``; when the Hub is
+  unreachable (or ``HF_HUB_OFFLINE=1``) only the local cache is read, and a missing source fails
+  within seconds naming both the local path and the Hub repo that were tried.
 
 :class:`HubMixin` adds ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` /
 ``load_weights`` to an ``nn.Module`` whose configuration is a dataclass stored as ``self.config``.
@@ -18,10 +20,8 @@ What this module guarantees:
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,7 +30,19 @@ import torch
 from torch import nn
 from typing_extensions import Self
 
-__all__ = [
+from dmvae._io import (
+    CheckpointError,
+    atomic_save_safetensors,
+    atomic_write_bytes,
+    atomic_write_text,
+    locate,
+    pickle_error_types,  # noqa: F401 - re-exported
+    read_safetensors,
+    read_torch_checkpoint,
+    resolve_hub_file,
+)
+
+__all__ = [  # the I/O names are re-exported from dmvae._io for compatibility
     "CheckpointError",
     "HubMixin",
     "atomic_save_safetensors",
@@ -47,102 +59,6 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded: corrupt, truncated, wrong keys or wrong shapes."""
-
-
-# --------------------------------------------------------------------------------------------
-# atomic writes
-# --------------------------------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary file in the same directory."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_save_safetensors(
-    tensors: Mapping[str, torch.Tensor],
-    path: str | os.PathLike[str],
-    metadata: dict[str, str] | None = None,
-) -> Path:
-    """Save tensors as safetensors, atomically. Shared storage is copied, not deduplicated."""
-    from safetensors.torch import save
-
-    contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    # safetensors refuses tensors that share memory; clone any that alias another entry.
-    seen: set[int] = set()
-    for k, v in contiguous.items():
-        ptr = v.untyped_storage().data_ptr() if v.numel() else -1
-        if ptr in seen:
-            contiguous[k] = v.clone()
-        elif ptr != -1:
-            seen.add(ptr)
-    return atomic_write_bytes(path, save(contiguous, metadata=metadata))
-
-
-# --------------------------------------------------------------------------------------------
-# reading
-# --------------------------------------------------------------------------------------------
-
-
-def read_safetensors(path: str | os.PathLike[str], device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Read a safetensors file, turning corrupt or truncated files into :class:`CheckpointError`."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    try:
-        return load_file(str(path), device=device)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(
-            f"{path} is not a readable safetensors file (corrupt or truncated?): {e}"
-        ) from e
-
-
-def read_torch_checkpoint(path: str | os.PathLike[str]) -> Any:
-    """Read a ``.pt`` / ``.pth`` file with ``weights_only=True`` (never executes pickled code)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    try:
-        # mmap avoids holding a second copy of multi-GB release files (zip format only)
-        if zipfile.is_zipfile(path):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle_error_types()) as e:
-        raise CheckpointError(
-            f"could not read {path} with torch.load(weights_only=True): {e}. dmvae never unpickles "
-            "arbitrary objects; if this file is trusted and holds more than tensors, re-save its "
-            "state dicts with torch.save(state_dict) or convert it to safetensors."
-        ) from e
-
-
-def pickle_error_types() -> tuple[type[BaseException], ...]:
-    import pickle
-
-    return (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError,
-            AttributeError, OSError)
-
-
 # --------------------------------------------------------------------------------------------
 # strict state-dict loading
 # --------------------------------------------------------------------------------------------
@@ -153,11 +69,24 @@ def _fmt_keys(keys: list[str], limit: int = 20) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def _dtype_problem(expected: torch.Tensor, got: torch.Tensor) -> str | None:
+    """Why ``got`` cannot be loaded into ``expected`` (None if it can). Floating dtypes convert
+    into each other; integer / bool / complex values never silently become floats (or back)."""
+    if got.is_meta:
+        return "is on the meta device (it holds no data)"
+    if got.is_complex() and not expected.is_complex():
+        return f"is complex ({got.dtype}); expected real {expected.dtype} values"
+    if expected.is_floating_point() != got.is_floating_point():
+        kind = "floating-point" if expected.is_floating_point() else "integer"
+        return f"has dtype {got.dtype}; expected {kind} values ({expected.dtype})"
+    return None
+
+
 def check_state_dict(
     model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "state dict"
 ) -> None:
-    """Raise :class:`CheckpointError` unless ``state_dict`` matches ``model`` key for key and shape
-    for shape. Nothing is loaded."""
+    """Raise :class:`CheckpointError` unless ``state_dict`` matches ``model`` key for key, shape
+    for shape and in dtype kind (float / integer / complex; no meta tensors). Nothing is loaded."""
     if not isinstance(state_dict, Mapping):
         raise CheckpointError(
             f"{source}: expected a mapping of parameter names to tensors, got {type(state_dict).__name__}"
@@ -165,15 +94,15 @@ def check_state_dict(
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = []
+    mismatched, bad_values = [], []
     for k in sorted(set(expected) & set(state_dict)):
         v = state_dict[k]
         if not isinstance(v, torch.Tensor):
             mismatched.append(f"{k}: expected a tensor, got {type(v).__name__}")
         elif tuple(v.shape) != tuple(expected[k].shape):
-            mismatched.append(
-                f"{k}: expected shape {tuple(expected[k].shape)}, got {tuple(v.shape)}"
-            )
+            mismatched.append(f"{k}: expected shape {tuple(expected[k].shape)}, got {tuple(v.shape)}")
+        elif (problem := _dtype_problem(expected[k], v)) is not None:
+            bad_values.append(f"{k} {problem}")
     if missing or unexpected or mismatched:
         parts = [f"{source} does not match {type(model).__name__}:"]
         if missing:
@@ -182,8 +111,15 @@ def check_state_dict(
             parts.append(f"  unexpected keys ({len(unexpected)}): {_fmt_keys(unexpected)}")
         if mismatched:
             parts.append(f"  shape mismatches ({len(mismatched)}):\n    " + "\n    ".join(mismatched[:20]))
+        if bad_values:
+            parts.append(f"  unloadable values ({len(bad_values)}):\n    " + "\n    ".join(bad_values[:20]))
         parts.append("Was the model built with the same configuration (preset) as the checkpoint?")
         raise CheckpointError("\n".join(parts))
+    if bad_values:
+        raise CheckpointError(
+            f"{source} cannot be loaded into {type(model).__name__} ({len(bad_values)} tensor(s)):\n    "
+            + "\n    ".join(bad_values[:20])
+        )
 
 
 def load_state_dict_strict(
@@ -198,52 +134,12 @@ def load_state_dict_strict(
     model.load_state_dict(dict(state_dict), strict=True, assign=assign)
 
 
-# --------------------------------------------------------------------------------------------
-# source resolution
-# --------------------------------------------------------------------------------------------
-
-
-def _looks_like_repo_id(source: str) -> bool:
-    parts = source.split("/")
-    return (
-        len(parts) == 2
-        and all(parts)
-        and not source.startswith((".", "/", "~"))
-        and not source.endswith((".pt", ".pth", ".safetensors", ".bin", ".json"))
-    )
-
-
-def resolve_hub_file(
-    repo_id: str,
-    filename: str,
-    *,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike[str] | None = None,
-    local_files_only: bool | None = None,
-    token: str | bool | None = None,
-) -> Path | None:
-    """Path of ``filename`` in ``repo_id`` (downloaded or from the cache); ``None`` if the repo has
-    no such file or it is neither cached nor downloadable."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
-    try:
-        return Path(
-            hf_hub_download(
-                repo_id,
-                filename,
-                revision=revision,
-                cache_dir=cache_dir,
-                local_files_only=bool(local_files_only),
-                token=token,
-            )
-        )
-    except (EntryNotFoundError, LocalEntryNotFoundError):
+def _check_dtype_arg(dtype: Any) -> torch.dtype | None:
+    if dtype is None:
         return None
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
+    return dtype
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,52 +151,52 @@ class HubMixin:
     """``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` / ``load_weights`` for models
     with a dataclass ``config``.
 
-    Subclasses set ``config_class``, ``_reference_filenames`` and ``_default_use_ema`` and implement
-    ``_select_reference_state_dict`` (which state dict of a reference ``.pt`` to use) and
-    ``_resolve_config`` (config instance, dict or preset name -> config).
+    Subclasses set ``config_class``, ``_reference_filenames`` and either ``_reference_layout`` (a
+    :class:`dmvae.convert.ReferenceLayout`, which also gives the EMA default) or
+    ``_default_use_ema`` plus their own ``_select_reference_state_dict``.
     """
 
     config_class: ClassVar[type]
     _reference_filenames: ClassVar[tuple[str, ...]] = ()
+    _reference_layout: ClassVar[Any] = None
     _default_use_ema: ClassVar[bool] = False
     #: Preset used for a reference-format checkpoint loaded without ``config=`` (the official
     #: release ships ``.pt`` files without a config). ``None``: ``config=`` is required.
     _reference_default_config: ClassVar[str | None] = None
     config: Any
 
-    # ---- to be provided by the model ------------------------------------------------------
+    # ---- hooks -----------------------------------------------------------------------------
     @classmethod
     def _select_reference_state_dict(
         cls, ckpt: Any, use_ema: bool, source: str
     ) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """Which state dict of a reference ``.pt`` to load (see :mod:`dmvae.convert`)."""
+        if cls._reference_layout is None:
+            raise NotImplementedError(f"{cls.__name__} reads no reference checkpoints")
+        from dmvae.convert import select_state_dict
+
+        return select_state_dict(cls._reference_layout, ckpt, use_ema, source)
 
     @classmethod
     def _resolve_config(cls, config: Any) -> Any:
-        if isinstance(config, cls.config_class):
-            return config
-        if isinstance(config, Mapping):
-            return cls.config_class.from_dict(dict(config))
-        if isinstance(config, str) and hasattr(cls.config_class, "from_preset"):
-            return cls.config_class.from_preset(config)
-        raise TypeError(
-            f"config must be a {cls.config_class.__name__}, a dict or a preset name, "
-            f"got {type(config).__name__}"
-        )
+        """A config instance from a config, a dict of fields or a preset name."""
+        from dmvae._config import resolve_config
+
+        return resolve_config(cls.config_class, config)
 
     # ---- saving ----------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike[str]) -> Path:
-        """Write ``model.safetensors`` and ``config.json`` (each atomically) to ``save_directory``."""
+        """Write ``model.safetensors`` and ``config.json`` (each atomically, weights first) to
+        ``save_directory``. The config is written by the config itself (``config.to_json()``)."""
         assert isinstance(self, nn.Module)
         out = Path(save_directory)
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(f"save_pretrained: {out} exists and is not a directory")
         out.mkdir(parents=True, exist_ok=True)
         atomic_save_safetensors(
             self.state_dict(), out / WEIGHTS_NAME, metadata={"format": "pt", "library": "dmvae"}
         )
-        atomic_write_text(
-            out / CONFIG_NAME,
-            json.dumps({"_class_name": type(self).__name__, **self.config.to_dict()}, indent=2) + "\n",
-        )
+        self.config.save(out / CONFIG_NAME)
         return out
 
     def push_to_hub(
@@ -329,15 +225,20 @@ class HubMixin:
             )
         return str(info)
 
+    def num_parameters(self, only_trainable: bool = False) -> int:
+        """Number of parameters (``only_trainable``: those with ``requires_grad``)."""
+        assert isinstance(self, nn.Module)
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not only_trainable)
+
     # ---- loading ---------------------------------------------------------------------------
     @classmethod
     def _state_dict_from_file(
-        cls, path: Path, use_ema: bool
+        cls, path: Path, use_ema: bool | None
     ) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             return read_safetensors(path)
-        ckpt = read_torch_checkpoint(path)
-        return cls._select_reference_state_dict(ckpt, use_ema, str(path))
+        use_ema = cls._default_use_ema if use_ema is None else use_ema
+        return cls._select_reference_state_dict(read_torch_checkpoint(path), use_ema, str(path))
 
     @classmethod
     def _locate(
@@ -345,70 +246,54 @@ class HubMixin:
         source: str | os.PathLike[str],
         *,
         filename: str | None,
-        revision: str | None,
-        cache_dir: str | os.PathLike[str] | None,
-        local_files_only: bool | None,
-        token: str | bool | None,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        local_files_only: bool | None = None,
+        token: str | bool | None = None,
     ) -> tuple[Path, Path | None]:
-        """Return (weights file, config.json or None) for any supported ``source``."""
-        path = Path(os.path.expanduser(str(source)))
-        if path.is_dir():
-            if filename is not None:
-                weights = path / filename
-                if not weights.is_file():
-                    raise FileNotFoundError(f"{weights} not found")
-                cfg = path / CONFIG_NAME
-                return weights, cfg if cfg.is_file() else None
-            weights = path / WEIGHTS_NAME
-            if weights.is_file():
-                cfg = path / CONFIG_NAME
-                return weights, cfg if cfg.is_file() else None
-            for name in cls._reference_filenames:
-                if (path / name).is_file():
-                    return path / name, None
-            raise FileNotFoundError(
-                f"{path} holds neither {WEIGHTS_NAME} nor a reference checkpoint "
-                f"({', '.join(cls._reference_filenames) or 'none known'}); found: "
-                f"{sorted(p.name for p in path.iterdir())[:20]}"
+        """Return (weights file, config.json or None) for any supported ``source``
+        (see :func:`dmvae._io.locate`)."""
+        if not isinstance(source, (str, os.PathLike)):
+            raise TypeError(
+                f"source must be a path, a Hugging Face repo id or 'hf://owner/name', got {type(source).__name__}"
             )
-        if path.is_file():
-            return path, None
-        src = str(source)
-        if not _looks_like_repo_id(src):
-            raise FileNotFoundError(
-                f"{src!r} is not an existing file or directory, nor a Hugging Face repo id "
-                "('owner/name')"
-            )
-        kw = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+        loc = locate(source, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                     token=token)
+        if loc.is_file:
+            assert loc.local is not None
+            return loc.local, None
+        filename = filename or loc.filename
+        if filename is not None:
+            weights = loc.find(filename)
+            if weights is None:
+                raise loc.not_found([filename])
+            cfg = loc.find(CONFIG_NAME) if filename.endswith(".safetensors") else None
+            return weights, cfg
         try:
-            if filename is not None:
-                weights = resolve_hub_file(src, filename, **kw)
-                if weights is None:
-                    raise FileNotFoundError(f"{filename!r} not found in {src}")
-                cfg = resolve_hub_file(src, CONFIG_NAME, **kw) if filename.endswith(".safetensors") else None
+            cfg = loc.find(CONFIG_NAME)
+            weights = loc.find(WEIGHTS_NAME) if cfg is not None or loc.local is not None else None
+            if weights is not None:
                 return weights, cfg
-            cfg = resolve_hub_file(src, CONFIG_NAME, **kw)
-            if cfg is not None:
-                weights = resolve_hub_file(src, WEIGHTS_NAME, **kw)
-                if weights is not None:
-                    return weights, cfg
             for name in cls._reference_filenames:
-                weights = resolve_hub_file(src, name, **kw)
-                if weights is not None:
+                if (weights := loc.find(name)) is not None:
                     return weights, None
-        except FileNotFoundError:
+        except OSError:
             raise
         except Exception as e:  # network / auth / repo-not-found: make the cause readable
-            raise FileNotFoundError(f"could not resolve {src!r} on the Hugging Face Hub: {e}") from e
-        tried = [f"{CONFIG_NAME} + {WEIGHTS_NAME}", *cls._reference_filenames]
-        where = (
-            "in the local Hugging Face cache (HF_HUB_OFFLINE is set)"
-            if _offline() or local_files_only
-            else "in the repository or the local cache"
-        )
-        raise FileNotFoundError(
-            f"none of {tried} found for {src!r} {where}. Download the files first "
-            f"(huggingface-cli download {src}) or pass a local path."
+            raise FileNotFoundError(f"could not resolve {os.fspath(source)!r} on the Hugging Face Hub: {e}") from e
+        raise loc.not_found([f"{CONFIG_NAME} + {WEIGHTS_NAME}", *cls._reference_filenames])
+
+    @classmethod
+    def _config_for(cls, config: Any, config_path: Path | None, weights_path: Path) -> Any:
+        if config is not None:
+            return cls._resolve_config(config)
+        if config_path is not None:
+            return cls.config_class.load(config_path)
+        if cls._reference_default_config is not None and weights_path.suffix in (".pt", ".pth"):
+            return cls._resolve_config(cls._reference_default_config)
+        raise ValueError(
+            f"{weights_path} comes without a config.json: pass config= (a "
+            f"{cls.config_class.__name__}, a dict or a preset name)"
         )
 
     @classmethod
@@ -420,6 +305,7 @@ class HubMixin:
         use_ema: bool | None = None,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        torch_dtype: torch.dtype | None = None,
         revision: str | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         local_files_only: bool | None = None,
@@ -430,19 +316,26 @@ class HubMixin:
 
         Args:
             source: one of our directories (``config.json`` + ``model.safetensors``), a
-                ``.safetensors`` file, a reference-format ``.pt`` file, or a Hugging Face repo id
-                (our layout first, else the reference files in ``_reference_filenames``).
+                ``.safetensors`` file, a reference-format ``.pt`` file, a Hugging Face repo id
+                ``owner/name`` or ``hf://owner/name[/file]`` (our layout first, else the reference
+                files in ``_reference_filenames``). A path that does not exist locally is looked up
+                on the Hub; when the Hub is unreachable only the cache is used (fails in seconds).
             config: a config, dict or preset name. Required for weights that come without a
                 ``config.json`` (reference ``.pt`` files, bare ``.safetensors``); overrides the
                 stored config otherwise (the weights must still match it).
             use_ema: for reference ``.pt`` files holding both raw and EMA weights, which to load
-                (``None``: the model's default). Ignored for our own files.
+                (``None``: the model's default, see :mod:`dmvae.convert`). Ignored for our files.
             device, dtype: where and in which floating dtype to put the loaded model.
+                ``torch_dtype`` is an alias of ``dtype`` (the diffusers spelling).
             revision, cache_dir, local_files_only, token: passed to ``hf_hub_download``.
             filename: a specific file inside a directory or repo.
 
-        The returned model is in eval mode.
+        The returned model is in eval mode. Integer, complex or meta tensors where the model has
+        floating-point weights are refused (:class:`CheckpointError`), as in :meth:`load_weights`.
         """
+        if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
+            raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; pass one of them")
+        dtype = _check_dtype_arg(dtype if dtype is not None else torch_dtype)
         weights_path, config_path = cls._locate(
             source,
             filename=filename,
@@ -451,18 +344,7 @@ class HubMixin:
             local_files_only=local_files_only,
             token=token,
         )
-        if config is not None:
-            cfg = cls._resolve_config(config)
-        elif config_path is not None:
-            cfg = cls.config_class.load(config_path)
-        elif cls._reference_default_config is not None and weights_path.suffix in (".pt", ".pth"):
-            cfg = cls._resolve_config(cls._reference_default_config)
-        else:
-            raise ValueError(
-                f"{weights_path} comes without a config.json: pass config= (a "
-                f"{cls.config_class.__name__}, a dict or a preset name)"
-            )
-        use_ema = cls._default_use_ema if use_ema is None else use_ema
+        cfg = cls._config_for(config, config_path, weights_path)
         state_dict = cls._state_dict_from_file(weights_path, use_ema)
         model = cls._build_and_load(cfg, state_dict, source=str(weights_path))
         if device is not None or dtype is not None:
@@ -502,7 +384,8 @@ class HubMixin:
         local_files_only: bool | None = None,
         token: str | bool | None = None,
     ) -> Self:
-        """Load weights into this model strictly; on failure the model is unchanged."""
+        """Load weights into this model strictly. Every tensor is checked (keys, shapes, dtype
+        kind, no meta tensors) before the first one is copied: on failure the model is unchanged."""
         assert isinstance(self, nn.Module)
         if isinstance(source, Mapping):
             state_dict, name = dict(source), "state dict"
@@ -515,7 +398,6 @@ class HubMixin:
                 local_files_only=local_files_only,
                 token=token,
             )
-            use_ema = self._default_use_ema if use_ema is None else use_ema
             state_dict, name = self._state_dict_from_file(weights_path, use_ema), str(weights_path)
         load_state_dict_strict(self, state_dict, name)
         return self  # type: ignore[return-value]

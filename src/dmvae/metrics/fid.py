@@ -203,7 +203,7 @@ def save_reference_stats(path: str | os.PathLike[str], mu: ArrayLike, sigma: Arr
     """Atomically write ``mu``/``sigma`` (float64) to ``path`` (an ``.npz``, adm_in256_stats layout)."""
     import io
 
-    from dmvae.hub import atomic_write_bytes
+    from dmvae._io import atomic_write_bytes
 
     mu_a, sigma_a = _as_float64(mu, "mu"), _as_float64(sigma, "sigma")
     if mu_a.ndim != 1 or sigma_a.shape != (mu_a.shape[0], mu_a.shape[0]):
@@ -361,22 +361,12 @@ def find_inception_weights(weights: str | os.PathLike[str] | None = None) -> Pat
     for source, origin in ((weights, "weights="), (os.environ.get(INCEPTION_ENV), f"${INCEPTION_ENV}")):
         if source is None or str(source) == "":
             continue
-        s = str(source)
-        if s.startswith("hf://"):
-            parts = s[len("hf://") :].split("/")
-            if len(parts) < 3:
-                raise ValueError(f"{origin}: expected 'hf://owner/repo/file', got {s!r}")
-            from dmvae.hub import _offline, resolve_hub_file
+        from dmvae._io import resolve_file
 
-            found = resolve_hub_file("/".join(parts[:2]), "/".join(parts[2:]), local_files_only=_offline())
-            if found is not None:
-                return found
-            checked.append(f"{origin} {s} (not in the Hugging Face cache and not downloadable)")
-            raise InceptionWeightsError(f"Inception-v3 weights not found: {checked[-1]}")
-        path = Path(s).expanduser()
-        if path.is_file():
-            return path
-        raise InceptionWeightsError(f"Inception-v3 weights file not found: {path} (from {origin})")
+        try:
+            return resolve_file(source, what=f"Inception-v3 weights ({origin})")
+        except FileNotFoundError as e:
+            raise InceptionWeightsError(str(e)) from e
     hub_dir = _torch_hub_checkpoint_dir()
     for name in INCEPTION_FILENAMES:
         if (hub_dir / name).is_file():
@@ -460,18 +450,11 @@ class InceptionV3Features(nn.Module):
         elif isinstance(weights, Mapping):
             sd, source = dict(weights), "the given state dict"
         else:
+            from dmvae._io import read_state_dict_file
+
             path = find_inception_weights(weights)
             source = str(path)
-            if path.suffix == ".safetensors":
-                from dmvae.hub import read_safetensors
-
-                sd = read_safetensors(path)
-            else:
-                from dmvae.hub import CheckpointError, read_torch_checkpoint
-
-                sd = read_torch_checkpoint(path)
-                if not isinstance(sd, Mapping):
-                    raise CheckpointError(f"{path}: expected a state dict, got {type(sd).__name__}")
+            sd = read_state_dict_file(path)
         self.net = _build_fidelity_inception(sd, source)
         self.weights_source = source
         self.requires_grad_(False)
