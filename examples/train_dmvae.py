@@ -21,8 +21,12 @@ CPU demo (after stages 1 and 2):
 
 The reference trains the whole VAE, DINOv2 encoder included (``--freeze-encoder`` to keep it
 fixed), at lr 2e-5 with dm_weight 10, CFG 5 inside the DM loss and k = 5, without an EMA. Resumes
-from ``<out>/checkpoints``; runs unchanged under ``torchrun --nproc_per_node=2``. Writes
-``<out>/vae``, ``<out>/fake`` and ``summary.json``.
+from ``<out>/checkpoints`` (mid-epoch included). Under ``torchrun --nproc_per_node=N`` the VAE, the
+fake model and the discriminator are each wrapped in DistributedDataParallel; the frozen-critic
+passes (the fake model inside L_DM, the discriminator inside the generator loss) use the plain
+modules, and the adaptive GAN weight uses the gradients of the global batch. Noise and times are
+drawn for the global batch, so N processes compute what one process with N x the batch computes.
+Writes ``<out>/vae``, ``<out>/fake``, ``<out>/metrics.jsonl`` and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -30,11 +34,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
 
+from _train_utils import (add_data_args, add_run_args, adamw, check_source, fail, load_lpips, make_loader,
+                          make_parser, maybe_compile, setup)
 from dmvae.autoencoder import DMVAE
 from dmvae.dit import LatentDiT
 from dmvae.dm_loss import DistributionMatchingLoss
@@ -42,32 +47,31 @@ from dmvae.training import (
     DiffAugment,
     NLayerDiscriminator,
     ReconstructionLoss,
-    TrainImages,
     TwoTimeScaleSchedule,
     adaptive_generator_weight,
-    all_reduce_gradients,
-    all_reduce_mean,
     autocast,
     clip_grad_norm,
     discriminator_loss,
     gan_active,
     generator_loss,
-    init_distributed,
     is_main_process,
     latest_checkpoint,
     linear_warmup,
     load_checkpoint,
     save_checkpoint,
 )
+from dmvae.training.data import to_model_input
+from dmvae.training.distributed import GlobalBatchRandom, wrap_ddp
+from dmvae.training.logger import MetricLogger, RunningMeans
+from dmvae.transport import FlowMatching
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--vae", required=True, help="stage-1 DMVAE (from_pretrained source)")
     p.add_argument("--real", required=True, help="frozen real model: a LatentDiT source or 'prior:<name>'")
     p.add_argument("--fake-init", default=None, help="LatentDiT to start the fake model from (default: --real)")
     p.add_argument("--out", required=True)
-    p.add_argument("--data", default="skimage")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=8, help="per process")
     p.add_argument("--lr", type=float, default=2e-4, help="VAE lr (reference 2e-5)")
@@ -81,18 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dm-cfg", type=float, default=5.0, help="CFG scale on both scores in L_DM (1 = off)")
     p.add_argument("--freeze-encoder", action="store_true", help="keep the ViT encoder fixed")
     p.add_argument("--l1-weight", type=float, default=1.0)
-    p.add_argument("--lpips-weight", type=float, default=1.0)
-    p.add_argument("--lpips-weights", default=None)
+    p.add_argument("--lpips-weight", type=float, default=1.0, help="0 = no LPIPS (needs no VGG weights)")
+    p.add_argument("--lpips-weights", default=None, help="LPIPS weights file / hf:// source (see dmvae.lpips)")
     p.add_argument("--disc-weight", type=float, default=0.5)
     p.add_argument("--disc-start", type=int, default=100)
     p.add_argument("--disc-norm", default="batch", choices=["batch", "group", "none"])
     p.add_argument("--ndf", type=int, default=32)
     p.add_argument("--bcr-weight", type=float, default=1.0)
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--ckpt-every", type=int, default=100)
-    p.add_argument("--keep-last", type=int, default=2)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-diffaug", dest="diffaug", action="store_false",
+                   help="no DiffAugment in the GAN terms (then also --bcr-weight 0)")
+    add_data_args(p)
+    add_run_args(p, log_every=10, image_every=0)
     return p
 
 
@@ -106,52 +109,57 @@ def make_real(spec: str, vae: DMVAE) -> torch.nn.Module:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    info = init_distributed()
+    info = setup(args)
     dev = info.device
     out = Path(args.out)
+    for flag in ("vae", "real", "fake_init"):
+        if getattr(args, flag):
+            check_source("--" + flag.replace("_", "-"), getattr(args, flag))
+    fake_src = args.fake_init or (None if args.real.startswith("prior:") else args.real)
+    if fake_src is None:
+        raise fail("--real is a prior: pass --fake-init <LatentDiT> (e.g. the stage-2 model)")
     torch.manual_seed(args.seed)
     vae = DMVAE.from_pretrained(args.vae).to(dev)
     vae.requires_grad_(True).freeze_encoder(args.freeze_encoder)
     real = make_real(args.real, vae).to(dev).eval().requires_grad_(False)
-    fake_src = args.fake_init or (None if args.real.startswith("prior:") else args.real)
-    if fake_src is None:
-        raise SystemExit("--real is a prior: pass --fake-init <LatentDiT> (e.g. the stage-2 model)")
     fake = LatentDiT.from_pretrained(fake_src).to(dev)
-    dm = DistributionMatchingLoss(real, fake, cfg_scale=args.dm_cfg)
+    dm = DistributionMatchingLoss(real, fake, cfg_scale=args.dm_cfg)  # the plain fake: a frozen critic here
+    fm = FlowMatching()  # the fake model's objective (Eq. 7): x_t = t z + (1 - t) eps, target z - eps
     disc = NLayerDiscriminator(ndf=args.ndf, norm=args.disc_norm).to(dev)
+    if info.world_size > 1 and args.disc_norm == "batch" and dev.type == "cuda":
+        disc = torch.nn.SyncBatchNorm.convert_sync_batchnorm(disc)
     betas = (0.9, 0.95)
-    opt_vae = torch.optim.AdamW([p for p in vae.parameters() if p.requires_grad], lr=args.lr, betas=betas,
-                                weight_decay=args.weight_decay)
-    opt_fake = torch.optim.AdamW(fake.parameters(), lr=args.fake_lr, betas=betas, weight_decay=args.weight_decay)
-    opt_disc = torch.optim.AdamW(disc.parameters(), lr=args.disc_lr, betas=betas, weight_decay=args.disc_weight_decay)
+    opt_vae = adamw(vae.parameters(), dev, lr=args.lr, betas=betas, weight_decay=args.weight_decay)
+    opt_fake = adamw(fake.parameters(), dev, lr=args.fake_lr, betas=betas, weight_decay=args.weight_decay)
+    opt_disc = adamw(disc.parameters(), dev, lr=args.disc_lr, betas=betas, weight_decay=args.disc_weight_decay)
     sched_vae, sched_fake, sched_disc = (linear_warmup(o, args.warmup) for o in (opt_vae, opt_fake, opt_disc))
-    lpips = None
-    if args.lpips_weight > 0:
-        from dmvae.lpips import LPIPS
-
-        lpips = LPIPS(weights=args.lpips_weights).to(dev)
-    rec_loss = ReconstructionLoss(args.l1_weight, 0.0, args.lpips_weight, lpips=lpips)
-    augment = DiffAugment(translation=0.125, cutout=0.2)
+    rec_loss = ReconstructionLoss(args.l1_weight, 0.0, args.lpips_weight, lpips=load_lpips(args, dev))
+    augment = DiffAugment(translation=0.125, cutout=0.2) if args.diffaug else None
     schedule = TwoTimeScaleSchedule(autoencoder_every=args.vae_every)
-    data = TrainImages(args.data, vae.config.image_size, seed=args.seed)
+    loader = make_loader(args, vae.config.image_size, args.batch_size)
+    vae_ddp = wrap_ddp(maybe_compile(vae, args.compile), dev)
+    fake_ddp = wrap_ddp(maybe_compile(fake, args.compile), dev)
+    disc_ddp = wrap_ddp(disc, dev)
+    drop_p = fake.config.class_dropout_prob
 
     ckpt_dir = out / "checkpoints"
     state = dict(vae=vae, fake=fake, disc=disc, dm=dm, opt_vae=opt_vae, opt_fake=opt_fake, opt_disc=opt_disc,
-                 sched_vae=sched_vae, sched_fake=sched_fake, sched_disc=sched_disc)
+                 sched_vae=sched_vae, sched_fake=sched_fake, sched_disc=sched_disc, data=loader)
     start = 0
     if latest_checkpoint(ckpt_dir) is not None:
         start = load_checkpoint(ckpt_dir, **state).step
         if is_main_process():
-            print(f"resumed from step {start}")
+            print(f"resumed from step {start} (epoch {loader.epoch}, batch {loader.batch_in_epoch})")
 
+    log = MetricLogger(out, total_steps=args.steps, start_step=start, log_every=args.log_every,
+                       log_to=args.log_to, config=vars(args), progress=not args.quiet, desc="stage 3")
+    means = RunningMeans()
     history: list[dict] = []
-    t0 = time.time()
     for step in range(start, args.steps):
-        x, y = data.batch(step, args.batch_size, info.rank, info.world_size)
-        x, y = x.to(dev), y.to(dev)
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 101 + info.rank)
-        rec_v = dm_v = d_v = float("nan")
-        psnr = float("nan")
+        images, y = next(loader)
+        x, y = to_model_input(images, dev), y.to(dev, non_blocking=True)
+        rnd = GlobalBatchRandom(args.seed, step, x.shape[0], device=dev)  # same numbers for any world size
+        gen = torch.Generator(dev).manual_seed(args.seed * 1_000_003 + step * 101 + info.rank)  # DiffAugment
 
         if schedule.autoencoder_step(step):
             # ---- autoencoder turn: the fake model is a frozen critic here
@@ -159,62 +167,67 @@ def main(argv: list[str] | None = None) -> dict:
             vae.train()
             use_gan = gan_active(step, args.disc_start)
             with autocast(dev, enabled=args.bf16 or None):
-                o = vae(x)
+                o = vae_ddp(x)
                 lat = o.normalized_latents  # (B, z, h, w), carries the encoder's graph
                 rec, _ = rec_loss(o.reconstruction, x)
-                dm_val, _ = dm(lat, y, generator=gen)
+                t0, t1 = dm.current_t_range()
+                dm_val, _ = dm(lat, y, t=t0 + (t1 - t0) * rnd.rand(), noise=rnd.randn(*lat.shape[1:]))
                 loss = rec + args.dm_weight * dm_val
                 if use_gan:
                     disc.eval().requires_grad_(False)
-                    g_loss = generator_loss(disc(augment(o.reconstruction, gen)))
-                    w = adaptive_generator_weight(rec, g_loss, vae.decoder.conv_out.weight)
+                    x_gen = augment(o.reconstruction, gen) if augment is not None else o.reconstruction
+                    g_loss = generator_loss(disc(x_gen))
+                    w = adaptive_generator_weight(rec, g_loss, vae.decoder.conv_out.weight)  # global batch
                     loss = loss + args.disc_weight * w * g_loss
+                    means.add(g_loss=g_loss, gan_weight=w)
             opt_vae.zero_grad(set_to_none=True)
             loss.backward()
-            all_reduce_gradients(vae)
             clip_grad_norm(vae, 1.0)
             opt_vae.step()
             sched_vae.step()
             if use_gan:
                 disc.train().requires_grad_(True)
-                d_loss, _ = discriminator_loss(disc, x, o.reconstruction.detach(), augment,
-                                               bcr_weight=args.bcr_weight, generator=gen)
+                with autocast(dev, enabled=args.bf16 or None):
+                    d_loss, _ = discriminator_loss(disc_ddp, x, o.reconstruction.detach(), augment,
+                                                   bcr_weight=args.bcr_weight, generator=gen)
                 opt_disc.zero_grad(set_to_none=True)
                 d_loss.backward()
-                all_reduce_gradients(disc)
                 clip_grad_norm(disc, 1.0)
                 opt_disc.step()
                 sched_disc.step()
-                d_v = all_reduce_mean(d_loss.detach().float()).item()
+                means.add(d_loss=d_loss)
             fake.requires_grad_(True)
-            rec_v = all_reduce_mean(rec.detach().float()).item()
-            dm_v = all_reduce_mean(dm_val.detach().float()).item()
-            mse = all_reduce_mean(((o.reconstruction.detach() - x) / 2).pow(2).mean()).item()
-            psnr = -10 * math.log10(max(mse, 1e-12))
+            means.add(rec=rec, dm=dm_val, mse=((o.reconstruction.detach().float() - x) / 2).pow(2).mean())
             lat = lat.detach()
         else:
             with torch.no_grad():
-                lat = vae.encode(x)  # normalised latents of the current autoencoder
+                lat = vae.encode(x, autocast=bool(args.bf16))  # normalised latents of the current autoencoder
 
-        # ---- fake model: every step, flow matching on the detached latents
+        # ---- fake model: every step, flow matching on the detached latents (through DDP)
         fake.train()
+        t, noise = rnd.rand(), rnd.randn(*lat.shape[1:])
+        drop = {"force_drop_ids": rnd.bernoulli(drop_p)} if drop_p > 0 else {}  # label dropout, global draw
         with autocast(dev, enabled=args.bf16 or None):
-            f_loss, _ = dm.fake_loss(lat, y, generator=gen)
+            f_loss = fm.loss(fake_ddp, lat.float(), y, t=t, noise=noise, **drop).loss
         opt_fake.zero_grad(set_to_none=True)
         f_loss.backward()
-        all_reduce_gradients(fake)
         clip_grad_norm(fake, 1.0)
         opt_fake.step()
         sched_fake.step()
+        means.add(fake_loss=f_loss)
 
-        f_v = all_reduce_mean(f_loss.detach().float()).item()
-        rec_ = {"fake_loss": f_v, "rec": rec_v, "dm": dm_v, "d_loss": d_v, "psnr": psnr}
-        history.append({"step": step, **{k: (None if math.isnan(v) else v) for k, v in rec_.items()}})
-        if is_main_process() and (step % args.log_every == 0 or step == args.steps - 1):
-            print(f"step {step:6d} fake {f_v:.4f} rec {rec_v:.4f} dm {dm_v:.4f} psnr {psnr:.2f} d {d_v:.4f} "
-                  f"({time.time() - t0:.0f}s)", flush=True)
+        log.advance()
+        if log.is_log_step(step):
+            m = means.pop()
+            if "mse" in m:
+                m["psnr"] = -10 * math.log10(max(m.pop("mse"), 1e-12))
+            history.append(log.log(step, m, lr=sched_vae.get_last_lr()[0]))
+        if args.image_every and step % args.image_every == 0 and schedule.autoencoder_step(step):
+            log.images(step, "reconstruction", torch.cat([x[:8], o.reconstruction.detach()[:8]]),
+                       nrow=min(8, x.shape[0]))
         if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
             save_checkpoint(ckpt_dir, step + 1, keep_last=args.keep_last, **state)
+    log.close()
 
     summary = {"steps": args.steps, "start_step": start, "history": history}
     if is_main_process():

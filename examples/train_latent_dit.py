@@ -12,44 +12,53 @@ CPU demo (after examples/train_tokenizer.py):
 
     python examples/train_latent_dit.py --vae runs/tokenizer/vae_ema --out runs/reference --steps 300
 
-Resumes from ``<out>/checkpoints``; runs unchanged under ``torchrun --nproc_per_node=2``. Writes
-``<out>/dit`` and ``<out>/dit_ema`` (``LatentDiT.from_pretrained`` directories) and ``summary.json``.
-Real runs: ``--preset LightningDiT-XL/1 --lr 2e-4 --batch-size 64 --data /path/to/imagenet/train``.
+From a latent cache (encode once with ``dmvae cache-latents``, then train without the encoder; a
+cache made by another tokenizer than ``--vae`` is refused):
+
+    dmvae cache-latents --model runs/tokenizer/vae_ema --data skimage -o runs/latents
+    python examples/train_latent_dit.py --vae runs/tokenizer/vae_ema --latents runs/latents --out runs/reference
+
+Resumes from ``<out>/checkpoints`` (mid-epoch included); under ``torchrun --nproc_per_node=N`` the
+DiT is wrapped in DistributedDataParallel and noise, times and label drops are drawn for the global
+batch. Writes ``<out>/dit`` and ``<out>/dit_ema`` (``LatentDiT.from_pretrained`` directories),
+``<out>/metrics.jsonl`` and ``summary.json``. Real runs: ``--preset LightningDiT-XL/1 --lr 2e-4
+--batch-size 32 --latents /path/to/cache --bf16 --compile --grad-checkpoint --num-workers 8``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 
+from _train_utils import (add_data_args, add_run_args, adamw, check_source, fail, make_loader, make_parser,
+                          maybe_compile, setup)
 from dmvae.autoencoder import DMVAE
 from dmvae.dit import LatentDiT, LatentDiTConfig
 from dmvae.training import (
     EMA,
-    TrainImages,
-    all_reduce_gradients,
-    all_reduce_mean,
     autocast,
     clip_grad_norm,
-    init_distributed,
     is_main_process,
     latest_checkpoint,
     linear_warmup,
     load_checkpoint,
     save_checkpoint,
 )
+from dmvae.training.data import to_model_input
+from dmvae.training.distributed import GlobalBatchRandom, local_rows, wrap_ddp
+from dmvae.training.logger import MetricLogger, RunningMeans
+from dmvae.training.sampler import TrainLoader
 from dmvae.transport import FlowMatching
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(prog: str | None = None, doc: str = __doc__) -> argparse.ArgumentParser:
+    p = make_parser(doc, prog)
     p.add_argument("--vae", required=True, help="frozen DMVAE (from_pretrained source), e.g. runs/tokenizer/vae_ema")
     p.add_argument("--out", required=True)
-    p.add_argument("--data", default="skimage", help="'skimage' or an image folder (class sub-folders = labels)")
+    p.add_argument("--latents", default=None, help="a latent cache directory (dmvae cache-latents) instead of --data")
     p.add_argument("--preset", default="cpu-tiny", help="'cpu-tiny' or a LatentDiT preset (LightningDiT-XL/1, ...)")
     p.add_argument("--init", default=None, help="start from this LatentDiT (from_pretrained source)")
     p.add_argument("--steps", type=int, default=300)
@@ -59,16 +68,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=0, help="0 = constant LR (the reference)")
     p.add_argument("--ema-decay", type=float, default=0.9999)
     p.add_argument("--class-dropout", type=float, default=0.1, help="label dropout (gives the CFG null class)")
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--ckpt-every", type=int, default=100)
-    p.add_argument("--keep-last", type=int, default=2)
-    p.add_argument("--log-every", type=int, default=20)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing of the DiT blocks")
+    p.add_argument("--sample-steps", type=int, default=20, help="Euler steps of the preview samples")
+    add_data_args(p)
+    add_run_args(p, log_every=20, image_every=0)
     return p
 
 
 def make_dit(args: argparse.Namespace, vae: DMVAE, num_classes: int) -> LatentDiT:
     if args.init:
+        check_source("--init", args.init)
         return LatentDiT.from_pretrained(args.init)
     z, h, _ = vae.latent_shape()
     common = dict(input_size=h, in_channels=z, num_classes=num_classes, class_dropout_prob=args.class_dropout)
@@ -77,54 +86,84 @@ def make_dit(args: argparse.Namespace, vae: DMVAE, num_classes: int) -> LatentDi
     return LatentDiT(LatentDiTConfig.from_preset(args.preset, **common))
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    info = init_distributed()
+def make_latent_loader(args: argparse.Namespace, vae: DMVAE) -> TrainLoader:
+    from dmvae.latent_cache import LatentDataset
+
+    try:
+        cache = LatentDataset(args.latents)
+        cache.check_tokenizer(vae, "--vae")
+    except (FileNotFoundError, ValueError) as e:
+        raise fail(str(e)) from None
+    cache.latent_mean, cache.latent_scale = vae.config.latent_mean, vae.config.latent_scale  # as vae.encode
+    return TrainLoader(cache, args.batch_size, seed=args.seed, num_workers=args.num_workers,
+                       prefetch_factor=args.prefetch_factor)
+
+
+def main(argv: list[str] | None = None, prog: str | None = None, doc: str | None = None) -> dict:
+    args = build_parser(prog, doc or __doc__).parse_args(argv)
+    info = setup(args)
     dev = info.device
     out = Path(args.out)
+    check_source("--vae", args.vae)
     vae = DMVAE.from_pretrained(args.vae).to(dev).eval().requires_grad_(False)
     if (vae.config.latent_mean, vae.config.latent_scale) == (0.0, 1.0) and is_main_process():
         print("warning: the VAE config has identity latent statistics (latent_mean 0, latent_scale 1); "
               "set them with dmvae.training.LatentStats(...).apply_to(vae) first")
-    data = TrainImages(args.data, vae.config.image_size, seed=args.seed)
+    loader = make_latent_loader(args, vae) if args.latents else make_loader(args, vae.config.image_size,
+                                                                           args.batch_size)
+    num_classes = loader.num_classes
     torch.manual_seed(args.seed)
-    dit = make_dit(args, vae, data.num_classes).to(dev)
+    dit = make_dit(args, vae, num_classes).to(dev)
+    dit.enable_gradient_checkpointing(args.grad_checkpoint)
     ema = EMA(dit, decay=args.ema_decay)
-    opt = torch.optim.AdamW(dit.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    opt = adamw(dit.parameters(), dev, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     sched = linear_warmup(opt, args.warmup)
     fm = FlowMatching()  # uniform t, linear path, velocity target (the reference)
+    dit_ddp = wrap_ddp(maybe_compile(dit, args.compile), dev)
+    drop_p = dit.config.class_dropout_prob
 
     ckpt_dir = out / "checkpoints"
-    state = dict(dit=dit, ema=ema, opt=opt, sched=sched)
+    state = dict(dit=dit, ema=ema, opt=opt, sched=sched, data=loader)
     start = 0
     if latest_checkpoint(ckpt_dir) is not None:
         start = load_checkpoint(ckpt_dir, **state).step
         if is_main_process():
-            print(f"resumed from step {start}")
+            print(f"resumed from step {start} (epoch {loader.epoch}, batch {loader.batch_in_epoch})")
 
+    log = MetricLogger(out, total_steps=args.steps, start_step=start, log_every=args.log_every,
+                       log_to=args.log_to, config=vars(args), progress=not args.quiet,
+                       desc="LatentDiT" + (" (cache)" if args.latents else ""))
+    means = RunningMeans()
     history: list[dict] = []
-    t0 = time.time()
     for step in range(start, args.steps):
-        x, y = data.batch(step, args.batch_size, info.rank, info.world_size)
-        gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 101 + info.rank)
-        with torch.no_grad():
-            z = vae.encode(x.to(dev), autocast=args.bf16)  # (B, z, h, w), normalised
-        dit.train()  # label dropout on (global RNG, restored on resume)
+        batch, y = next(loader)
+        y = y.to(dev, non_blocking=True)
+        if args.latents:
+            z = batch.to(dev, non_blocking=True)  # (B, z, h, w), normalised
+        else:
+            with torch.no_grad():
+                z = vae.encode(to_model_input(batch, dev), autocast=bool(args.bf16))  # (B, z, h, w), normalised
+        rnd = GlobalBatchRandom(args.seed, step, z.shape[0], device=dev)  # same numbers for any world size
+        t = local_rows(fm.sample_time(rnd.global_batch, generator=rnd.generator, device=dev))
+        drop = {"force_drop_ids": rnd.bernoulli(drop_p)} if drop_p > 0 else {}  # CFG label dropout
+        dit.train()
         with autocast(dev, enabled=args.bf16 or None):
-            loss = fm.loss(dit, z, y.to(dev), generator=gen).loss
+            loss = fm.loss(dit_ddp, z, y, t=t, noise=rnd.randn(*z.shape[1:]), **drop).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        all_reduce_gradients(dit)
         clip_grad_norm(dit, 1.0)
         opt.step()
         sched.step()
         ema.update()
-        logged = all_reduce_mean(loss.detach().float()).item()
-        history.append({"step": step, "loss": logged})
-        if is_main_process() and (step % args.log_every == 0 or step == args.steps - 1):
-            print(f"step {step:6d} fm loss {logged:.4f} ({time.time() - t0:.0f}s)", flush=True)
+        means.add(loss=loss)
+        log.advance()
+        if log.is_log_step(step):
+            history.append(log.log(step, means.pop(), lr=sched.get_last_lr()[0]))
+        if args.image_every and step % args.image_every == 0 and is_main_process():
+            log.images(step, "samples", preview(ema.module, vae, y[:8], args.sample_steps, args.seed))
         if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
             save_checkpoint(ckpt_dir, step + 1, keep_last=args.keep_last, **state)
+    log.close()
 
     summary = {"steps": args.steps, "start_step": start, "history": history}
     if is_main_process():
@@ -132,6 +171,20 @@ def main(argv: list[str] | None = None) -> dict:
         ema.module.save_pretrained(out / "dit_ema")
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+@torch.no_grad()
+def preview(dit: LatentDiT, vae: DMVAE, labels: torch.Tensor, num_steps: int, seed: int) -> torch.Tensor:
+    """Decoded Euler samples of the EMA model for ``labels`` (fixed noise): (n, 3, H, W) in [-1, 1]."""
+    from dmvae.samplers import sample
+
+    g = torch.Generator(labels.device).manual_seed(seed)
+    noise = torch.randn((labels.shape[0], *vae.latent_shape()), generator=g, device=labels.device)
+    was_training = dit.training
+    dit.eval()
+    z = sample(dit, noise, labels, num_steps=num_steps, method="euler")
+    dit.train(was_training)
+    return vae.decode(z, normalize=True)
 
 
 if __name__ == "__main__":

@@ -1,48 +1,283 @@
-"""Step-indexed training batches: real photos for CPU runs, image folders for real runs.
+"""Training data: map-style image datasets, the reference's transforms, and the legacy step sampler.
 
-``TrainImages.batch(step, batch_size, rank, world_size)`` is a pure function of (seed, step): the
-global batch (image indices, crop offsets, flips) is drawn from a generator seeded with the step,
-and each process materialises its contiguous slice. So resuming at step s sees exactly the batches
-an uninterrupted run would, and N processes with batch b see the same global batch as one process
-with batch N*b. The augmentation is the reference's training transform: random horizontal flip,
-resize of the shorter side to ``resize_ratio * image_size`` (LANCZOS), random ``image_size`` crop,
-[-1, 1].
+Datasets (all map-style, for ``torch.utils.data.DataLoader`` with
+:class:`~dmvae.training.sampler.ResumableDistributedSampler` / :class:`~dmvae.training.sampler.TrainLoader`):
 
-Sources:
-- ``"skimage"``: the colour photos bundled with scikit-image (astronaut, coffee, chelsea, rocket,
-  motorcycle, ...), no download;
-- a folder: every image under it, recursively. If the root holds class sub-folders
-  (``<root>/<class>/*.JPEG``, the ImageNet layout) the label is the sorted class-folder index,
-  otherwise all labels are 0.
+- :class:`ImageFolder`: ``<root>/<class>/*.JPEG`` (ImageNet ``train/<wnid>/``; label = index of the
+  sorted class folder) or a flat folder (label 0);
+- :class:`ImageList`: a text file of ``<path> [<label>]`` lines (paths relative to the file);
+- :class:`SkimagePhotos`: the colour photos bundled with scikit-image (no download), for CPU runs;
+- :func:`build_dataset` picks one from a ``--data`` string (``"skimage"``, a folder, a list file).
+  Tar shards are streamed by :mod:`dmvae.training.webdataset` instead.
+
+Every item is ``(image, label)``: ``image`` a uint8 tensor (3, S, S) (4x less to move between
+processes than float; :func:`to_model_input` makes the model's [-1, 1] float on the device) and
+``label`` an int. Files of any PIL mode (16/32-bit grey, palette with transparency, CMYK, LA, 1-bit)
+are decoded to 8-bit RGB by :func:`dmvae.image.pil_to_rgb`.
+
+Transforms (torchvision):
+
+- :func:`train_transform`: the reference's augmentation -- horizontal flip, shorter side resized to
+  ``resize_ratio * S`` (1.5, LANCZOS), random ``S`` crop;
+- :func:`center_crop_transform`: ADM's centre crop (:func:`dmvae.image.center_crop_arr`) for
+  validation and the latent cache.
+
+Keys: a dataset item is addressed by an index or by ``(index, sample_seed)``. With a seed the random
+transform runs under that seed (CPU RNG forked), so a sample's crop and flip depend on the seed only,
+not on the worker that loads it, the rank, or a resume.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, Union
 
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import transforms as T
 
-__all__ = ["TrainImages", "SKIMAGE_PHOTOS"]
+from dmvae.image import IMAGE_EXTENSIONS, center_crop_arr, pil_to_rgb
+
+__all__ = [
+    "SKIMAGE_PHOTOS",
+    "ADMCenterCrop",
+    "ImageDataset",
+    "ImageFolder",
+    "ImageList",
+    "SkimagePhotos",
+    "TrainImages",
+    "build_dataset",
+    "center_crop_transform",
+    "to_model_input",
+    "train_transform",
+]
 
 SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle", "cat", "immunohistochemistry")
-_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+Key = Union[int, tuple[int, int]]
+
+
+# ################################################################################################
+#                                          transforms
+# ################################################################################################
+
+
+class ADMCenterCrop:
+    """ADM's centre crop as a transform: PIL image -> PIL image ``size`` x ``size``."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return center_crop_arr(img, self.size)
+
+    def __repr__(self) -> str:
+        return f"ADMCenterCrop(size={self.size})"
+
+
+def train_transform(image_size: int, *, resize_ratio: float = 1.5, hflip: bool = True) -> T.Compose:
+    """The reference's training augmentation: PIL RGB -> uint8 (3, S, S).
+
+    Random horizontal flip, resize of the shorter side to ``round(resize_ratio * S)`` with LANCZOS
+    (the reference: 384 for S = 256), random ``S`` crop.
+    """
+    if resize_ratio < 1.0:
+        raise ValueError(f"resize_ratio must be >= 1 (the crop is taken from the resized image), got {resize_ratio}")
+    steps: list[Any] = [T.RandomHorizontalFlip()] if hflip else []
+    steps += [T.Resize(round(resize_ratio * image_size), interpolation=T.InterpolationMode.LANCZOS),
+              T.RandomCrop(image_size), T.PILToTensor()]
+    return T.Compose(steps)
+
+
+def center_crop_transform(image_size: int, *, hflip: bool = False) -> T.Compose:
+    """ADM centre crop (validation, latent cache): PIL RGB -> uint8 (3, S, S); ``hflip`` flips always."""
+    steps: list[Any] = [ADMCenterCrop(image_size)]
+    if hflip:
+        steps.append(T.RandomHorizontalFlip(p=1.0))
+    return T.Compose([*steps, T.PILToTensor()])
+
+
+def to_model_input(images: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float32 in [-1, 1] on ``device``: ``x / 127.5 - 1`` (copy is async
+    from pinned memory)."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 images from the data pipeline, got {images.dtype}")
+    x = images.to(device, non_blocking=True) if device is not None else images
+    return x.float().div_(127.5).sub_(1.0)
+
+
+# ################################################################################################
+#                                           datasets
+# ################################################################################################
+
+
+def _open_rgb(path: str | os.PathLike[str]) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return pil_to_rgb(img)
+    except (OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"could not read {path} as an image: {e}") from e
 
 
 def _skimage_photo(name: str) -> Image.Image:
     from skimage import data
 
-    if name == "motorcycle":
-        arr = data.stereo_motorcycle()[0]
-    else:
-        arr = getattr(data, name)()
-    return Image.fromarray(np.ascontiguousarray(arr[..., :3])).convert("RGB")
+    arr = data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(data, name)()
+    return pil_to_rgb(Image.fromarray(np.ascontiguousarray(arr)))
+
+
+class ImageDataset(Dataset):
+    """A list of ``(source, label)`` samples with a transform; see the module docstring for keys.
+
+    Args:
+        samples: ``(path, label)`` pairs (subclasses may use other sources, see :meth:`load`).
+        transform: PIL RGB image -> tensor (default: uint8 via ``PILToTensor``).
+        num_classes: default ``max(label) + 1``.
+    """
+
+    def __init__(self, samples: Sequence[tuple[Any, int]], transform: Callable | None = None, *,
+                 num_classes: int | None = None, classes: Sequence[str] | None = None) -> None:
+        self.samples = list(samples)
+        self.transform = transform if transform is not None else T.PILToTensor()
+        self.num_classes = num_classes if num_classes is not None else 1 + max((s[1] for s in self.samples), default=0)
+        self.classes = list(classes) if classes is not None else None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def labels(self) -> list[int]:
+        return [s[1] for s in self.samples]
+
+    def load(self, index: int) -> Image.Image:
+        """The RGB image of sample ``index`` before the transform."""
+        return _open_rgb(self.samples[index][0])
+
+    def __getitem__(self, key: Key) -> tuple[torch.Tensor, int]:
+        index, seed = (key, None) if isinstance(key, (int, np.integer)) else key
+        img = self.load(int(index))
+        if seed is None:
+            out = self.transform(img)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(seed))
+                out = self.transform(img)
+        return out, int(self.samples[int(index)][1])
+
+
+def _list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+class ImageFolder(ImageDataset):
+    """Images under ``root``. ``labels="auto"``: class folders if ``root`` has sub-folders with
+    images (ImageNet ``train/<wnid>/``; label = sorted folder index), else flat (label 0);
+    ``"folders"`` / ``"none"`` force one of the two."""
+
+    def __init__(self, root: str | os.PathLike[str], transform: Callable | None = None, *,
+                 labels: str = "auto") -> None:
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {root} (use --data skimage for the bundled photos)")
+        if labels not in ("auto", "folders", "none"):
+            raise ValueError(f"labels must be 'auto', 'folders' or 'none', got {labels!r}")
+        files = _list_images(root)
+        if not files:
+            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
+        nested = [p for p in files if len(p.relative_to(root).parts) > 1]
+        use_folders = labels == "folders" or (labels == "auto" and len(nested) == len(files))
+        if use_folders:
+            if len(nested) != len(files):
+                top = next(p for p in files if len(p.relative_to(root).parts) == 1)
+                raise ValueError(f"{root}: class-folder layout expected, but {top.name} lies directly in the root")
+            classes = sorted({p.relative_to(root).parts[0] for p in files})
+            index = {c: i for i, c in enumerate(classes)}
+            samples = [(p, index[p.relative_to(root).parts[0]]) for p in files]
+            super().__init__(samples, transform, num_classes=len(classes), classes=classes)
+        else:
+            super().__init__([(p, 0) for p in files], transform, num_classes=1)
+        self.root = root
+
+
+class ImageList(ImageDataset):
+    """Images named in a text file, one ``<path> [<label>]`` per line (whitespace or comma
+    separated; ``#`` comments and blank lines skipped). Relative paths are taken from ``root``
+    (default: the list file's folder); a missing label is 0."""
+
+    def __init__(self, list_file: str | os.PathLike[str], transform: Callable | None = None, *,
+                 root: str | os.PathLike[str] | None = None) -> None:
+        list_file = Path(list_file)
+        if not list_file.is_file():
+            raise FileNotFoundError(f"file list not found: {list_file}")
+        base = Path(root) if root is not None else list_file.parent
+        samples = []
+        for n, line in enumerate(list_file.read_text().splitlines(), 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            parts = line.replace(",", " ").split()
+            if len(parts) > 2:
+                raise ValueError(f"{list_file}:{n}: expected '<path> [<label>]', got {line!r}")
+            try:
+                label = int(parts[1]) if len(parts) == 2 else 0
+            except ValueError:
+                raise ValueError(f"{list_file}:{n}: the label must be an integer, got {parts[1]!r}") from None
+            if label < 0:
+                raise ValueError(f"{list_file}:{n}: labels must be >= 0, got {label}")
+            path = Path(parts[0])
+            samples.append((path if path.is_absolute() else base / path, label))
+        if not samples:
+            raise ValueError(f"{list_file} lists no images")
+        super().__init__(samples, transform)
+
+
+class SkimagePhotos(ImageDataset):
+    """The colour photos bundled with scikit-image, each repeated ``repeats`` times per epoch (a
+    handful of photos would not fill a batch otherwise); label 0. For CPU demos and tests."""
+
+    def __init__(self, transform: Callable | None = None, *, repeats: int = 16,
+                 names: Sequence[str] = SKIMAGE_PHOTOS) -> None:
+        super().__init__([(n, 0) for _ in range(repeats) for n in names], transform, num_classes=1)
+        self._cache: dict[str, Image.Image] = {}
+
+    def load(self, index: int) -> Image.Image:
+        name = self.samples[index][0]
+        if name not in self._cache:
+            self._cache[name] = _skimage_photo(name)
+        return self._cache[name]
+
+
+def build_dataset(source: str | os.PathLike[str], transform: Callable | None = None) -> ImageDataset:
+    """``"skimage"``, an image folder, or a file list (a file: ``.txt`` / ``.csv`` / ``.lst``)."""
+    text = str(source)
+    if text == "skimage":
+        return SkimagePhotos(transform)
+    path = Path(text)
+    if path.is_dir():
+        return ImageFolder(path, transform)
+    if path.is_file():
+        return ImageList(path, transform)
+    raise FileNotFoundError(
+        f"--data {text}: no such folder or file list (give an image folder, a file list, or 'skimage')"
+    )
+
+
+# ################################################################################################
+#                            legacy: step-indexed synchronous batches
+# ################################################################################################
 
 
 class TrainImages:
-    """Step-indexed random crops of a photo collection.
+    """Step-indexed random crops of a photo collection, decoded in the training process (legacy).
+
+    Superseded by the DataLoader pipeline (:class:`~dmvae.training.sampler.TrainLoader` over the
+    datasets above); kept as the baseline of ``benchmarks/training_throughput.py``. ``batch(step,
+    batch_size, rank, world_size)`` is a pure function of (seed, step): indices are drawn with
+    replacement, and each process materialises its contiguous slice of the global batch.
 
     Args:
         source: ``"skimage"`` or a folder path.
@@ -72,17 +307,10 @@ class TrainImages:
             self.labels = [0] * len(self.files)
             self.num_classes = 1
         else:
-            root = Path(source)
-            if not root.is_dir():
-                raise FileNotFoundError(f"image folder not found: {root} (or use source='skimage')")
-            files = sorted(p for p in root.rglob("*") if p.suffix.lower() in _EXTS and p.is_file())
-            if not files:
-                raise FileNotFoundError(f"no images ({sorted(_EXTS)}) under {root}")
-            classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
-            index = {c: i for i, c in enumerate(classes)}
-            self.files = list(files)
-            self.labels = [index.get(p.relative_to(root).parts[0], 0) if classes else 0 for p in files]
-            self.num_classes = max(1, len(classes))
+            folder = ImageFolder(source)
+            self.files = [p for p, _ in folder.samples]
+            self.labels = folder.labels
+            self.num_classes = folder.num_classes
 
     def __len__(self) -> int:
         return len(self.files)
@@ -95,8 +323,7 @@ class TrainImages:
         if isinstance(f, str):
             im = _skimage_photo(f)
         else:
-            with Image.open(f) as raw:
-                im = raw.convert("RGB")
+            im = _open_rgb(f)
         w, h = im.size
         s = self.short_side / min(w, h)
         im = im.resize((max(self.short_side, round(w * s)), max(self.short_side, round(h * s))), Image.LANCZOS)

@@ -152,12 +152,16 @@ def adaptive_generator_weight(
     *,
     max_weight: float = 1e4,
     eps: float = 1e-6,
+    sync: bool | None = None,
 ) -> Tensor:
     """VQGAN adaptive weight: ||d rec/d W|| / (||d gan/d W|| + eps), clamped to [0, max_weight], detached.
 
-    ``last_layer`` is the decoder's final weight (reference: ``decoder.conv_out.weight``). Both
-    losses must depend on it; the graphs are retained so the caller can still ``backward()``.
-    The caller multiplies by the fixed factor (reference: 0.5).
+    ``last_layer`` is the decoder's final weight (reference: ``decoder.conv_out.weight``; under DDP
+    pass the unwrapped module's parameter). Both losses must depend on it; the graphs are retained
+    so the caller can still ``backward()``. The caller multiplies by the fixed factor (reference: 0.5).
+    ``sync`` (default: when a process group of > 1 process exists) averages both gradients over the
+    processes first, so every rank uses the weight of the global batch, as one process would; call
+    it on every rank then.
     """
     if not last_layer.requires_grad:
         raise ValueError(
@@ -165,6 +169,10 @@ def adaptive_generator_weight(
         )
     (g_rec,) = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)
     (g_gan,) = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)
+    from dmvae.training.distributed import all_reduce_mean, get_world_size
+
+    if sync if sync is not None else get_world_size() > 1:
+        g_rec, g_gan = all_reduce_mean(torch.stack([g_rec, g_gan])).unbind(0)
     w = g_rec.norm() / (g_gan.norm() + eps)
     return w.clamp(0.0, max_weight).detach()
 

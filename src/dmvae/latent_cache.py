@@ -1,0 +1,306 @@
+"""Latent cache: encode a data set once, train latent models from memory-mapped safetensors shards.
+
+Layout of a cache directory (all files written atomically)::
+
+    cache.json                 format, tokenizer config, encoder hash, sizes, statistics, complete
+    files.txt                  the source file of sample i on line i (the "file index")
+    shard-00000.safetensors    latents (n, C, h, w), latents_flip (n, C, h, w), labels (n,), index (n,)
+    shard-00001.safetensors    ...
+
+Samples are cut into fixed shards of ``shard_size`` consecutive indices; under torchrun rank r encodes
+shards r, r + W, r + 2W, ... Each shard is written in one piece, so a run that stops (a crash, a job
+time limit, ``max_shards``) leaves only complete shards, and a new run (any number of processes)
+encodes exactly the missing ones: no duplicate, no gap. When every shard exists, rank 0 measures the
+statistics of the un-normalised latents (global and per channel) and marks the cache complete.
+
+What is stored (as LightningDiT's ``extract_features.py``): the un-normalised ``vae.encode(x,
+normalize=False)`` of the ADM centre crop ``x`` of each image and of its horizontal mirror, in float32
+by default (``dtype=torch.bfloat16`` halves the size). :class:`LatentDataset` returns one of the two
+at random, normalised with the tokenizer's ``latent_mean`` / ``latent_scale`` (so it equals
+``vae.encode(x)``). The encoder hash (SHA-256 over every weight ``encode`` uses, i.e. all but the
+decoder) identifies the tokenizer: a decoder fine-tuned in stage 4 keeps the stage-3 cache valid,
+anything else is refused (:meth:`LatentDataset.check_tokenizer`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from dmvae._io import atomic_save_safetensors, atomic_write_text, read_json
+from dmvae.training.distributed import barrier, get_rank, get_world_size, is_main_process
+
+__all__ = ["CacheInfo", "LatentDataset", "cache_latents", "encoder_hash", "read_cache_info", "CACHE_FORMAT"]
+
+CACHE_FORMAT = "dmvae-latent-cache/1"
+INFO_NAME = "cache.json"
+FILES_NAME = "files.txt"
+Key = Union[int, tuple[int, int]]
+
+
+def encoder_hash(vae: nn.Module) -> str:
+    """SHA-256 (hex) of the weights ``encode`` depends on: every state-dict entry but ``decoder.*``,
+    by name, dtype, shape and bytes (independent of the device)."""
+    from dmvae._utils import unwrap_model
+
+    h = hashlib.sha256()
+    for name, t in sorted(unwrap_model(vae).state_dict().items()):
+        if name.startswith("decoder."):
+            continue
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+@dataclass
+class CacheInfo:
+    """The ``cache.json`` of a latent cache."""
+
+    num_images: int
+    shard_size: int
+    image_size: int
+    latent_shape: list[int]  # (C, h, w)
+    dtype: str
+    encoder_hash: str
+    tokenizer_config: dict[str, Any]
+    num_classes: int
+    source: str = ""
+    complete: bool = False
+    statistics: dict[str, Any] = field(default_factory=dict)  # of the un-normalised latents
+    format: str = CACHE_FORMAT
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_images // self.shard_size)
+
+    def shard_path(self, directory: Path, k: int) -> Path:
+        return directory / f"shard-{k:05d}.safetensors"
+
+    def save(self, directory: Path) -> None:
+        atomic_write_text(directory / INFO_NAME, json.dumps(asdict(self), indent=1))
+
+
+def read_cache_info(directory: str | os.PathLike[str]) -> CacheInfo:
+    """Read ``<directory>/cache.json``; a missing or foreign file raises with the reason."""
+    directory = Path(directory)
+    if not (directory / INFO_NAME).is_file():
+        raise FileNotFoundError(f"{directory} is not a latent cache (no {INFO_NAME}); make one with dmvae cache-latents")
+    data = read_json(directory / INFO_NAME, "latent cache description")
+    if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT:
+        raise ValueError(f"{directory / INFO_NAME}: format {data.get('format') if isinstance(data, dict) else data!r}, "
+                         f"expected {CACHE_FORMAT!r}")
+    return CacheInfo(**data)
+
+
+# ################################################################################################
+#                                            writing
+# ################################################################################################
+
+
+def _sample_names(dataset: Dataset, n: int) -> list[str]:
+    samples = getattr(dataset, "samples", None)
+    if samples is not None and len(samples) == n:
+        return [str(s[0]) for s in samples]
+    return [str(i) for i in range(n)]
+
+
+def _compatible(old: CacheInfo, new: CacheInfo) -> list[str]:
+    keys = ("num_images", "shard_size", "image_size", "latent_shape", "dtype", "encoder_hash")
+    return [f"{k}: cache {getattr(old, k)!r}, now {getattr(new, k)!r}" for k in keys if getattr(old, k) != getattr(new, k)]
+
+
+@torch.no_grad()
+def cache_latents(
+    vae: nn.Module,
+    dataset: Dataset,
+    out_dir: str | os.PathLike[str],
+    *,
+    image_size: int,
+    batch_size: int = 64,
+    shard_size: int = 1024,
+    num_workers: int = 0,
+    dtype: torch.dtype = torch.float32,
+    autocast: bool = False,
+    source: str = "",
+    overwrite: bool = False,
+    max_shards: int | None = None,
+    progress: bool = True,
+    on_shard: Callable[[int], None] | None = None,
+) -> CacheInfo:
+    """Encode ``dataset`` (items ``(uint8 (3, S, S), label)``, e.g. an
+    :class:`~dmvae.training.data.ImageFolder` with ``center_crop_transform(S)``) into ``out_dir``.
+
+    Call on every rank under torchrun. Resumes an existing cache of the same tokenizer and settings
+    (an incompatible one raises, unless ``overwrite``). ``max_shards`` stops this process after that
+    many new shards (time-limited jobs; run again to continue). Returns the cache description (its
+    ``complete`` flag says whether every shard exists).
+    """
+    from dmvae._utils import unwrap_model
+    from dmvae.training.data import to_model_input
+
+    model = unwrap_model(vae).eval()
+    out = Path(out_dir)
+    device = next(model.parameters()).device
+    n = len(dataset)  # type: ignore[arg-type]
+    if n == 0:
+        raise ValueError("the data set is empty")
+    latent_shape = list(model.latent_shape(image_size, image_size))
+    info = CacheInfo(num_images=n, shard_size=shard_size, image_size=image_size, latent_shape=latent_shape,
+                     dtype=str(dtype).replace("torch.", ""), encoder_hash=encoder_hash(model),
+                     tokenizer_config=model.config.to_dict(), num_classes=int(getattr(dataset, "num_classes", 1)),
+                     source=source)
+    if is_main_process():
+        if (out / INFO_NAME).is_file():
+            old = read_cache_info(out)
+            diff = _compatible(old, info)
+            if diff and not overwrite:
+                raise ValueError(f"{out} holds a different latent cache ({'; '.join(diff)}); "
+                                 "choose another --out or pass --overwrite")
+            if diff:
+                for p in out.glob("shard-*.safetensors"):
+                    p.unlink()
+        elif out.exists() and any(out.iterdir()) and not overwrite:
+            raise ValueError(f"{out} exists and is not a latent cache; choose another --out or pass --overwrite")
+        elif out.exists() and overwrite:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        info.save(out)
+        atomic_write_text(out / FILES_NAME, "".join(s + "\n" for s in _sample_names(dataset, n)))
+    barrier()
+
+    rank, world = get_rank(), get_world_size()
+    mine = [k for k in range(rank, info.num_shards, world) if not info.shard_path(out, k).is_file()]
+    if max_shards is not None:
+        mine = mine[:max_shards]
+    bar = None
+    if progress and is_main_process():
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(mine) * world, desc="cache-latents (shards)", dynamic_ncols=True)
+    for k in mine:
+        lo, hi = k * shard_size, min(n, (k + 1) * shard_size)
+        loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=batch_size, num_workers=num_workers,
+                            pin_memory=device.type == "cuda")
+        parts: dict[str, list[torch.Tensor]] = {"latents": [], "latents_flip": [], "labels": []}
+        for images, labels in loader:
+            x = to_model_input(images, device)
+            parts["latents"].append(model.encode(x, normalize=False, autocast=autocast).to(dtype).cpu())
+            parts["latents_flip"].append(
+                model.encode(torch.flip(x, dims=[-1]), normalize=False, autocast=autocast).to(dtype).cpu())
+            parts["labels"].append(torch.as_tensor(labels, dtype=torch.int64))
+        tensors = {k_: torch.cat(v) for k_, v in parts.items()}
+        tensors["index"] = torch.arange(lo, hi, dtype=torch.int64)
+        atomic_save_safetensors(tensors, info.shard_path(out, k),
+                                metadata={"format": CACHE_FORMAT, "encoder_hash": info.encoder_hash})
+        if on_shard is not None:
+            on_shard(k)
+        if bar is not None:
+            bar.update(world)
+    if bar is not None:
+        bar.close()
+    barrier()
+    info.complete = all(info.shard_path(out, k).is_file() for k in range(info.num_shards))
+    if info.complete and is_main_process():
+        info.statistics = _statistics(out, info)
+        info.save(out)
+    barrier()
+    return info
+
+
+def _statistics(directory: Path, info: CacheInfo) -> dict[str, Any]:
+    """Global and per-channel mean / std / scale of the un-normalised latents (both flip variants)."""
+    from safetensors import safe_open
+
+    from dmvae.evaluation import LatentChannelStats
+
+    stats = LatentChannelStats()
+    for k in range(info.num_shards):
+        with safe_open(str(info.shard_path(directory, k)), framework="pt") as f:
+            for name in ("latents", "latents_flip"):
+                stats.update(f.get_tensor(name).float())
+    return stats.compute()
+
+
+# ################################################################################################
+#                                            reading
+# ################################################################################################
+
+
+class LatentDataset(Dataset):
+    """The samples of a latent cache, read memory-mapped: ``(latent (C, h, w) float32, label)``.
+
+    Args:
+        directory: a complete cache (``dmvae cache-latents``).
+        flip: ``"random"`` (each item is the image's or its mirror's latent with probability 1/2;
+            with a ``(index, sample_seed)`` key the choice follows the seed), ``"none"``, ``"only"``.
+        normalize: apply ``(z - latent_mean) * latent_scale`` (default: the tokenizer's values,
+            from the cache; ``latent_mean`` / ``latent_scale`` override them).
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, flip: str = "random", normalize: bool = True,
+                 latent_mean: float | None = None, latent_scale: float | None = None) -> None:
+        if flip not in ("random", "none", "only"):
+            raise ValueError(f"flip must be 'random', 'none' or 'only', got {flip!r}")
+        self.directory = Path(directory)
+        self.info = read_cache_info(self.directory)
+        if not self.info.complete:
+            missing = [k for k in range(self.info.num_shards) if not self.info.shard_path(self.directory, k).is_file()]
+            raise ValueError(f"latent cache {self.directory} is incomplete ({len(missing)} of {self.info.num_shards} "
+                             "shards missing); run dmvae cache-latents again to finish it")
+        cfg = self.info.tokenizer_config
+        self.flip, self.normalize = flip, normalize
+        self.latent_mean = float(cfg.get("latent_mean", 0.0) if latent_mean is None else latent_mean)
+        self.latent_scale = float(cfg.get("latent_scale", 1.0) if latent_scale is None else latent_scale)
+        self.num_classes = self.info.num_classes
+        self._handles: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return self.info.num_images
+
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers open their own memory maps
+        return {**self.__dict__, "_handles": {}}
+
+    def _shard(self, k: int) -> Any:
+        if k not in self._handles:
+            from safetensors import safe_open
+
+            self._handles[k] = safe_open(str(self.info.shard_path(self.directory, k)), framework="pt")
+        return self._handles[k]
+
+    def __getitem__(self, key: Key) -> tuple[torch.Tensor, int]:
+        index, seed = (int(key), None) if not isinstance(key, (tuple, list)) else (int(key[0]), int(key[1]))
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for a cache of {len(self)} samples")
+        k, row = divmod(index, self.info.shard_size)
+        f = self._shard(k)
+        if self.flip == "random":
+            # a bit of a multiplicative hash of the seed (the seed's own low bits follow its position)
+            use_flip = ((seed * 0x9E3779B97F4A7C15) % 2**64) >> 63 == 1 if seed is not None else bool(torch.rand(()) < 0.5)
+        else:
+            use_flip = self.flip == "only"
+        z = f.get_slice("latents_flip" if use_flip else "latents")[row : row + 1][0].float()
+        label = int(f.get_slice("labels")[row : row + 1][0])
+        if self.normalize:
+            z = (z - self.latent_mean) * self.latent_scale
+        return z, label
+
+    def check_tokenizer(self, vae: nn.Module, name: str = "--vae") -> None:
+        """Raise ``ValueError`` unless ``vae`` encodes exactly as the tokenizer that made the cache."""
+        have = encoder_hash(vae)
+        if have != self.info.encoder_hash:
+            raise ValueError(
+                f"latent cache {self.directory} was made by a different tokenizer than {name} (encoder hash "
+                f"{self.info.encoder_hash[:12]} in the cache, {have[:12]} for {name}); re-run dmvae cache-latents "
+                f"with this tokenizer or pass the one that made the cache"
+            )
