@@ -6,6 +6,15 @@ directive in an HTML comment, invisible on the rendered page:
 ``<!-- docs-test: skip (reason) -->``
     the block is not run; the reason is mandatory and is reported by the test.
 
+A page may also hold hidden setup code, run where it stands (like Sphinx's ``testsetup``), for
+fragments that use the reader's own objects (a data loader, an optimiser)::
+
+    <!-- docs-test: setup
+    loader = [(torch.rand(2, 3, 64, 64) * 2 - 1, torch.tensor([0, 1]))]
+    -->
+
+Setup code stands in for what the page says the reader already has; it never repairs a block.
+
 A Python block is run as written, in order, in one namespace per page. Shell blocks are checked
 against the command-line parsers (``dmvae`` sub-commands and their options, the ``--help`` of the
 example scripts); they are not run.
@@ -22,6 +31,7 @@ __all__ = ["Block", "Command", "commands", "extract_blocks", "shape_claims"]
 
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>```+|~~~+)[ \t]*(?P<lang>[\w+-]*)[^\n]*$")
 _DIRECTIVE = re.compile(r"^<!--\s*docs-test:\s*(?P<kind>[\w-]+)\s*(?:\((?P<reason>.*)\))?\s*-->$")
+_SETUP = re.compile(r"^<!--\s*docs-test:\s*setup\s*$")
 DIRECTIVES = ("skip",)
 
 
@@ -34,6 +44,7 @@ class Block:
     lang: str  # the info string's first word, lower case ("" when absent)
     code: str  # dedented by the fence's indentation
     skip: str | None = None  # the reason given by a ``docs-test: skip`` directive
+    hidden: bool = False  # a ``docs-test: setup`` comment, not shown on the page
 
     @property
     def where(self) -> str:
@@ -50,6 +61,15 @@ def extract_blocks(page: Path) -> list[Block]:
     blocks: list[Block] = []
     i = 0
     while i < len(lines):
+        if _SETUP.match(lines[i].strip()):
+            j = i + 1
+            while j < len(lines) and lines[j].strip() != "-->":
+                j += 1
+            if j == len(lines):
+                raise ValueError(f"{page.name}:{i + 1}: a docs-test setup comment must end with a line '-->'")
+            blocks.append(Block(page, i + 2, "python", "\n".join(lines[i + 1:j]) + "\n", hidden=True))
+            i = j + 1
+            continue
         m = _FENCE.match(lines[i])
         if not m:
             i += 1

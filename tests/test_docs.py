@@ -14,7 +14,9 @@ How the Python blocks run (``tests/_docs.py`` reads them):
 * without a GPU, ``"cuda"`` in a block reads ``"cpu"`` and ``.cuda()`` reads ``.cpu()``;
 * a comment that states a shape, ``z = vae.encode(x)  # (4, 32, 16, 16) ...``, is checked;
 * a block that cannot run here is preceded by ``<!-- docs-test: skip (reason) -->``; the reason is
-  required, and ``test_skips_are_counted`` bounds how many there are.
+  required, and ``test_skips_are_counted`` bounds how many there are;
+* a fragment that uses the reader's own objects (``loader``, ``opt``) gets them from a hidden
+  ``<!-- docs-test: setup ... -->`` comment just before it (see ``tests/_docs.py``).
 
 Shell blocks are not run; each ``dmvae ...`` command is parsed by the real parser, and each
 ``python examples/*.py`` / ``benchmarks/*.py`` option must appear in that script's ``--help``.
@@ -172,7 +174,7 @@ def test_python_blocks_run_as_written(
             exec(compile(source, str(page), "exec"), namespace)
         except Exception as e:
             raise AssertionError(f"{block.where}: the block raised {type(e).__name__}: {e}") from e
-        ran += 1
+        ran += not block.hidden
         for line, name, shape in _checkable_claims(block):
             value = namespace.get(name)
             if isinstance(value, torch.Tensor):
@@ -189,7 +191,7 @@ def _checkable_claims(block: Block) -> list[tuple[int, str, tuple[int, ...]]]:
 
 
 def test_skips_are_counted() -> None:
-    blocks = [b for p in PAGES for b in _blocks(p, PY_LANGS)]
+    blocks = [b for p in PAGES for b in _blocks(p, PY_LANGS) if not b.hidden]
     skipped = [f"{b.where} ({b.skip})" for b in blocks if b.skip is not None]
     assert len(blocks) >= 20, f"only {len(blocks)} Python blocks found: is the extractor broken?"
     assert len(skipped) <= MAX_SKIPPED_PYTHON_BLOCKS, "too many skipped docs blocks:\n" + "\n".join(skipped)
@@ -210,10 +212,15 @@ def test_extractor_rejects_unreasoned_skips(tmp_path: Path) -> None:
     page.write_text("<!-- docs-test: skpi (typo) -->\n```python\nx = 1\n```\n")
     with pytest.raises(ValueError, match="unknown docs-test directive"):
         extract_blocks(page)
-    page.write_text("text\n\n<!-- docs-test: skip (needs a GPU) -->\n\n```python\nx = 1\n```\n  ```py\n  y = 2\n  ```\n")
-    a, b = extract_blocks(page)
+    page.write_text("text\n\n<!-- docs-test: skip (needs a GPU) -->\n\n```python\nx = 1\n```\n  ```py\n  y = 2\n  ```\n"
+                    "<!-- docs-test: setup\nz = 3\n-->\n")
+    a, b, c = extract_blocks(page)
     assert (a.skip, a.line, a.code) == ("needs a GPU", 6, "x = 1\n")
     assert (b.skip, b.lang, b.code) == (None, "py", "y = 2\n")
+    assert (c.hidden, c.lang, c.line, c.code) == (True, "python", 12, "z = 3\n")
+    page.write_text("<!-- docs-test: setup\nz = 3\n")
+    with pytest.raises(ValueError, match="must end"):
+        extract_blocks(page)
 
 
 # ---- command lines ------------------------------------------------------------------------------
