@@ -18,33 +18,44 @@ Exactly what is computed, and why, is written down in ``docs/evaluation.md``. In
 Every evaluator takes a ``feature_extractor``: any callable mapping uint8 images
 (N, 3, H, W) to features (N, D), or to ``{"pool": (N, D), "logits": (N, K)}``. The default is the
 FID Inception-v3 (:class:`dmvae.metrics.fid.InceptionV3Features`); tests pass tiny stand-ins.
+
+The pieces live in their own homes and are re-exported here for compatibility: image folders and
+crops in :mod:`dmvae.image`, ADM ``.npz`` I/O in :mod:`dmvae.npz`, precision/recall in
+:mod:`dmvae.metrics.precision_recall`, the latent statistics in :mod:`dmvae.training.stats`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
-import math
 import os
-import tempfile
 import zipfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
-from PIL import Image
 
+from dmvae.image import (
+    IMAGE_EXTENSIONS,
+    ImageFolderDataset,
+    center_crop_adm,
+    list_images,
+    resize_center_crop,
+    to_uint8,
+)
 from dmvae.metrics.fid import (
     FIDStats,
     InceptionV3Features,
     StreamingStats,
     frechet_distance,
     inception_score,
+    load_reference_stats,
 )
-from dmvae.metrics.image import psnr, ssim, to_uint8
+from dmvae.metrics.image import psnr, ssim
+from dmvae.metrics.precision_recall import precision_recall
+from dmvae.npz import iter_npz_images, load_npz_images, npz_image_shape, save_npz_images
+from dmvae.training.stats import LatentChannelStats, LatentStats
 
 __all__ = [
     "GenerationResult",
@@ -65,8 +76,7 @@ __all__ = [
 ]
 
 FeatureExtractor = Callable[[torch.Tensor], torch.Tensor | Mapping[str, torch.Tensor]]
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+_ = IMAGE_EXTENSIONS  # re-exported (dmvae.image is its home)
 
 
 def _features(out: torch.Tensor | Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -93,191 +103,8 @@ def _default_extractor(
 
 
 # ################################################################################################
-# image folders and the centre crops
-# ################################################################################################
-
-
-def center_crop_adm(image: Image.Image, image_size: int = 256) -> np.ndarray:
-    """ADM's ``center_crop_arr`` (:func:`dmvae.image.center_crop_arr`) as (H, W, 3) uint8.
-
-    Halve with BOX filtering while the short side is at least 2x the target, resize so the short
-    side equals ``image_size`` with BICUBIC (long side ``round(long * scale)``), then take the
-    centre (offsets ``(dim - image_size) // 2``). The standard crop for ImageNet rFID and the ADM
-    reference batches.
-    """
-    from dmvae.image import center_crop_arr
-
-    return np.array(center_crop_arr(image.convert("RGB"), image_size), dtype=np.uint8)  # writable copy
-
-
-def resize_center_crop(image: Image.Image, image_size: int = 256, resize_ratio: float = 1.5) -> np.ndarray:
-    """The DMVAE reference's validation transform: short side to ``int(resize_ratio * image_size)``
-    (384 for 256) with LANCZOS (torchvision ``Resize``: long side ``int(size * long / short)``), then
-    torchvision ``CenterCrop`` (offsets ``round((dim - image_size) / 2)``). (H, W, 3) uint8.
-
-    This is *not* ADM's crop: it keeps less of the image (a 2/3 centre window) and so gives lower
-    rFIDs than :func:`center_crop_adm`. Use it only to reproduce the reference's training-time numbers.
-    """
-    image = image.convert("RGB")
-    w, h = image.size
-    short = int(resize_ratio * image_size)
-    if w <= h:
-        new_w, new_h = short, int(short * h / w)
-    else:
-        new_w, new_h = int(short * w / h), short
-    image = image.resize((new_w, new_h), resample=Image.LANCZOS)
-    arr = np.asarray(image)
-    top = int(round((arr.shape[0] - image_size) / 2.0))
-    left = int(round((arr.shape[1] - image_size) / 2.0))
-    return arr[top : top + image_size, left : left + image_size].copy()  # writable, contiguous
-
-
-def list_images(root: str | os.PathLike[str], num: int | None = None) -> list[Path]:
-    """All images under ``root`` (recursive: a flat folder or an ImageNet ``val/<wnid>/*.JPEG``
-    tree), sorted by relative path. ``num`` picks ``num`` of them spread evenly over that order
-    (index ``i * total // num``), so a subset covers every class folder and is the same on
-    every run and for every batch size."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
-    files = sorted(
-        (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
-        key=lambda p: p.relative_to(root).as_posix(),
-    )
-    if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
-    if num is not None:
-        if num < 1:
-            raise ValueError(f"num must be >= 1, got {num}")
-        if num > len(files):
-            raise ValueError(f"asked for {num} images but {root} holds only {len(files)}")
-        files = [files[i * len(files) // num] for i in range(num)]
-    return files
-
-
-class ImageFolderDataset(torch.utils.data.Dataset):
-    """Centre-cropped images of a folder as uint8 tensors (3, S, S).
-
-    Args:
-        root: a folder of images or an ImageNet-val tree (see :func:`list_images`).
-        image_size: S.
-        crop: ``"adm"`` (:func:`center_crop_adm`, the standard) or ``"dmvae"``
-            (:func:`resize_center_crop`, the reference's resize-384 + centre crop).
-        num: evaluate ``num`` images spread evenly over the sorted list (None = all).
-    """
-
-    def __init__(
-        self,
-        root: str | os.PathLike[str],
-        image_size: int = 256,
-        crop: Literal["adm", "dmvae"] = "adm",
-        num: int | None = None,
-    ) -> None:
-        if crop not in ("adm", "dmvae"):
-            raise ValueError(f"crop must be 'adm' or 'dmvae', got {crop!r}")
-        self.files = list_images(root, num)
-        self.image_size = image_size
-        self.crop = crop
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        with Image.open(self.files[index]) as im:
-            arr = (
-                center_crop_adm(im, self.image_size)
-                if self.crop == "adm"
-                else resize_center_crop(im, self.image_size)
-            )
-        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # (3, S, S) uint8
-
-
-# ################################################################################################
 # reconstruction evaluation
 # ################################################################################################
-
-
-def _dist_rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _all_reduce_sum(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Sum a CPU tensor over ranks (moved to ``device`` for the collective: NCCL needs CUDA)."""
-    import torch.distributed as dist
-
-    on_device = t.to(device)
-    dist.all_reduce(on_device)
-    return on_device.cpu()
-
-
-class LatentChannelStats:
-    """Streaming per-channel mean/std of latents for evaluation reports, float64 sums
-    (batch-size independent). To estimate and write ``latent_mean`` / ``latent_scale`` into a model
-    during training, use :class:`dmvae.training.LatentStats`.
-
-    ``update(z)`` takes (B, C, H, W) grids or (B, N, C) token sequences. These are the statistics
-    behind ``latent_mean`` / ``latent_scale``: the reference instead averages per-batch means and
-    per-batch ``1 / std``, which depends on the batch size; here ``std`` is that of all elements.
-    """
-
-    def __init__(self) -> None:
-        self.n = 0  # elements per channel
-        self.s: torch.Tensor | None = None  # (C,) sum
-        self.ss: torch.Tensor | None = None  # (C,) sum of squares
-
-    def update(self, z: torch.Tensor) -> LatentChannelStats:
-        if z.dim() == 4:
-            flat = z.detach().double().transpose(0, 1).reshape(z.shape[1], -1)  # (C, B*H*W)
-        elif z.dim() == 3:
-            flat = z.detach().double().reshape(-1, z.shape[-1]).T  # (C, B*N)
-        else:
-            raise ValueError(f"latents must be (B, C, H, W) or (B, N, C), got shape {tuple(z.shape)}")
-        if self.s is None:
-            self.s = torch.zeros(flat.shape[0], dtype=torch.float64)
-            self.ss = torch.zeros(flat.shape[0], dtype=torch.float64)
-        assert self.s is not None and self.ss is not None
-        if flat.shape[0] != self.s.shape[0]:
-            raise ValueError(f"latents have {flat.shape[0]} channels, earlier batches had {self.s.shape[0]}")
-        flat = flat.cpu()
-        self.n += flat.shape[1]
-        self.s += flat.sum(dim=1)
-        self.ss += (flat * flat).sum(dim=1)
-        return self
-
-    def all_reduce(self, device: torch.device | str = "cpu") -> LatentChannelStats:
-        """Sum the accumulators of all ranks (every rank must have recorded latents)."""
-        if self.s is None or self.ss is None:
-            raise ValueError("all_reduce needs the channel count: update() at least once first")
-        packed = _all_reduce_sum(
-            torch.cat([self.s, self.ss, torch.tensor([float(self.n)], dtype=torch.float64)]),
-            torch.device(device),
-        )
-        c = self.s.shape[0]
-        self.s, self.ss, self.n = packed[:c].clone(), packed[c : 2 * c].clone(), int(round(float(packed[-1])))
-        return self
-
-    def compute(self) -> dict[str, Any]:
-        """Per-channel and global mean and (unbiased) std, plus ``scale = 1 / std``."""
-        if self.s is None or self.ss is None or self.n < 2:
-            raise ValueError("no latents were recorded")
-        c = self.s.shape[0]
-        mean = self.s / self.n
-        var = ((self.ss - self.n * mean * mean) / (self.n - 1)).clamp_min(0)
-        total = self.n * c
-        g_mean = self.s.sum() / total
-        g_var = ((self.ss.sum() - total * g_mean * g_mean) / (total - 1)).clamp_min(0)
-        return {
-            "latent_channels": c,
-            "latent_mean": float(g_mean),
-            "latent_std": float(g_var.sqrt()),
-            "latent_scale": float(1.0 / g_var.sqrt()) if g_var > 0 else math.inf,
-            "latent_channel_mean": [float(v) for v in mean],
-            "latent_channel_std": [float(v) for v in var.sqrt()],
-        }
 
 
 @dataclasses.dataclass
@@ -285,11 +112,11 @@ class ReconstructionResult:
     """Numbers of :func:`evaluate_reconstruction` (``to_dict()`` for JSON)."""
 
     num_images: int
-    rfid: float
+    rfid: float | None  # None when evaluated with fid=False
     psnr: float  # dB, mean of per-image PSNR on uint8 (inf if every image is exact)
     ssim: float  # mean of per-image SSIM on uint8
     lpips: float | None  # mean of per-image LPIPS on [-1, 1]; None when no LPIPS network was given
-    latents: dict[str, Any] | None  # LatentChannelStats.compute(); None for models without encode/decode
+    latents: dict[str, Any] | None  # LatentStats.summary(); None for models without encode/decode
     image_size: int
     crop: str
 
@@ -338,6 +165,7 @@ def evaluate_reconstruction(
     num_workers: int = 0,
     autocast: bool = False,
     progress: bool = True,
+    fid: bool = True,
 ) -> ReconstructionResult:
     """rFID, PSNR, SSIM, LPIPS and latent statistics of ``model`` on a folder of images.
 
@@ -355,7 +183,9 @@ def evaluate_reconstruction(
         image_size, crop: see :class:`ImageFolderDataset` (ignored for a dataset).
         device: where the model runs (default: the model's device, else CPU).
         autocast: pass ``autocast=True`` to DMVAE's encode/decode (bf16 on GPU, as the reference).
+        fid: False skips rFID (no Inception network or weights needed; ``rfid`` is None).
 
+    The model runs in eval mode; its train/eval mode is restored afterwards.
     Under ``torchrun`` (``torch.distributed`` initialised) each rank evaluates images
     ``rank, rank + world, ...`` and the sums are all-reduced: every rank returns the same result,
     equal to a single-process run.
@@ -377,26 +207,69 @@ def evaluate_reconstruction(
         params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
         device = params[0].device if params else torch.device("cpu")
     device = torch.device(device)
-    if isinstance(model, torch.nn.Module):
-        model.eval()
-    extractor = _default_extractor(feature_extractor, inception_weights, device)
-    rank, world = _dist_rank_world()
+    extractor = _default_extractor(feature_extractor, inception_weights, device) if fid else None
+    from dmvae.training.distributed import all_reduce_sum, get_rank, get_world_size
+
+    rank, world = get_rank(), get_world_size()
     if world > 1:
         total = len(dataset)  # type: ignore[arg-type]
         if total < 2 * world:
             raise ValueError(f"{total} images cannot be split over {world} ranks (need >= 2 per rank)")
         dataset = torch.utils.data.Subset(dataset, list(range(rank, total, world)))
-
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    was_training = model.training if isinstance(model, torch.nn.Module) else None
+    if was_training is not None:
+        model.eval()
+    try:
+        sums, n, size, stats = _reconstruction_sums(
+            model, loader, extractor, lpips, device, autocast, progress and rank == 0
+        )
+    finally:
+        if was_training is not None:
+            model.train(was_training)
+    real_stats, fake_stats, latent_stats = stats
+    has_latents = latent_stats.count > 0
+    if world > 1:  # add up the other ranks' sums (StreamingStats / LatentStats / per-image sums)
+        if extractor is not None:
+            real_stats.all_reduce()
+            fake_stats.all_reduce()
+        packed = torch.tensor([sums["psnr"], sums["ssim"], sums["lpips"], n, has_latents], dtype=torch.float64)
+        totals = all_reduce_sum(packed.to(device)).cpu()
+        sums = {"psnr": float(totals[0]), "ssim": float(totals[1]), "lpips": float(totals[2])}
+        n, has_latents = int(totals[3]), bool(totals[4] == world)
+        if has_latents:
+            latent_stats.all_reduce()
+    if n < 2:
+        raise ValueError(f"need at least 2 images for rFID, got {n}")
+    rfid = frechet_distance(*real_stats.compute(), *fake_stats.compute()) if extractor is not None else None
+    return ReconstructionResult(
+        num_images=n,
+        rfid=rfid,
+        psnr=sums["psnr"] / n,
+        ssim=sums["ssim"] / n,
+        lpips=sums["lpips"] / n if lpips is not None else None,
+        latents=latent_stats.summary(sync=False) if has_latents else None,
+        image_size=size,
+        crop=crop if isinstance(data, (str, os.PathLike)) else "dataset",
     )
-    real_stats, fake_stats, latent_stats = StreamingStats(), StreamingStats(), LatentChannelStats()
-    sums = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
-    n = 0
-    has_latents = False
+
+
+def _reconstruction_sums(
+    model: Any,
+    loader: torch.utils.data.DataLoader,
+    extractor: FeatureExtractor | None,
+    lpips: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None,
+    device: torch.device,
+    autocast: bool,
+    progress: bool,
+) -> tuple[dict[str, float], int, int, tuple[StreamingStats, StreamingStats, LatentStats]]:
+    """One pass over ``loader``: per-image metric sums, count, image size and the statistics."""
     from tqdm.auto import tqdm
 
-    for batch in tqdm(loader, desc="eval-recon", unit="batch", disable=not progress or rank != 0):
+    real_stats, fake_stats, latent_stats = StreamingStats(), StreamingStats(), LatentStats()
+    sums = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
+    n = size = 0
+    for batch in tqdm(loader, desc="eval-recon", unit="batch", disable=not progress):
         if batch.dtype != torch.uint8 or batch.dim() != 4 or batch.shape[1] != 3:
             raise ValueError(f"expected uint8 batches (B, 3, H, W), got {batch.dtype} {tuple(batch.shape)}")
         real_u8 = batch.to(device)  # (B, 3, S, S) uint8
@@ -404,217 +277,25 @@ def evaluate_reconstruction(
         recon, z = _reconstruct(model, x, autocast)
         recon = recon.float().to(device)
         if recon.shape != x.shape:
-            raise ValueError(
-                f"the model returned shape {tuple(recon.shape)} for inputs of shape {tuple(x.shape)}"
-            )
+            raise ValueError(f"the model returned shape {tuple(recon.shape)} for inputs of shape {tuple(x.shape)}")
         fake_u8 = to_uint8(recon)  # (B, 3, S, S), rounded like a saved PNG
-
-        real_stats.update(_features(extractor(real_u8))[0])
-        fake_stats.update(_features(extractor(fake_u8))[0])
+        if extractor is not None:
+            real_stats.update(_features(extractor(real_u8))[0])
+            fake_stats.update(_features(extractor(fake_u8))[0])
         sums["psnr"] += psnr(real_u8, fake_u8).sum().item()
         sums["ssim"] += ssim(real_u8, fake_u8).sum().item()
         if lpips is not None:
             sums["lpips"] += lpips(x, recon.clamp(-1, 1)).double().sum().item()
         if z is not None:
             latent_stats.update(z)
-            has_latents = True
         n += batch.shape[0]
         size = int(batch.shape[-1])
-
-    if world > 1:  # add up the other ranks' sums (StreamingStats / LatentChannelStats / per-image sums)
-        real_stats.all_reduce()
-        fake_stats.all_reduce()
-        totals = _all_reduce_sum(
-            torch.tensor([sums["psnr"], sums["ssim"], sums["lpips"], n, has_latents], dtype=torch.float64),
-            device,
-        )
-        sums = {"psnr": float(totals[0]), "ssim": float(totals[1]), "lpips": float(totals[2])}
-        n, has_latents = int(totals[3]), bool(totals[4] == world)
-        if has_latents:
-            latent_stats.all_reduce(device)
-    if n < 2:
-        raise ValueError(f"need at least 2 images for rFID, got {n}")
-    rfid = frechet_distance(*real_stats.compute(), *fake_stats.compute())
-    return ReconstructionResult(
-        num_images=n,
-        rfid=rfid,
-        psnr=sums["psnr"] / n,
-        ssim=sums["ssim"] / n,
-        lpips=sums["lpips"] / n if lpips is not None else None,
-        latents=latent_stats.compute() if has_latents else None,
-        image_size=size,
-        crop=crop if isinstance(data, (str, os.PathLike)) else "dataset",
-    )
-
-
-# ################################################################################################
-# ADM .npz files: uint8, NHWC, key arr_0
-# ################################################################################################
-
-
-def _check_nhwc_uint8(images: np.ndarray, what: str) -> None:
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(
-            f"{what}: expected uint8 images of shape (N, H, W, 3) (ADM layout), "
-            f"got {images.dtype} {images.shape}"
-        )
-
-
-def save_npz_images(
-    path: str | os.PathLike[str],
-    images: np.ndarray | torch.Tensor,
-    labels: np.ndarray | torch.Tensor | None = None,
-) -> Path:
-    """Write images in the ADM evaluator's layout: uncompressed ``.npz``, ``arr_0`` = uint8 (N, H, W, 3)
-    (and ``arr_1`` = int64 labels, as ADM's ``image_sample.py`` writes for class-conditional runs).
-
-    ``images`` may be a uint8 NHWC array, or a torch tensor (N, 3, H, W) uint8 or float in [-1, 1]
-    (rounded with :func:`dmvae.metrics.image.to_uint8`). The file appears atomically (temporary file
-    in the same folder, then ``os.replace``), so an interrupted write never leaves a truncated npz.
-    """
-    if isinstance(images, torch.Tensor):
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected a (N, 3, H, W) tensor, got shape {tuple(images.shape)}")
-        images = to_uint8(images).permute(0, 2, 3, 1).contiguous().cpu().numpy()
-    images = np.ascontiguousarray(images)
-    _check_nhwc_uint8(images, "save_npz_images")
-    arrays: dict[str, np.ndarray] = {"arr_0": images}
-    if labels is not None:
-        lab = labels.cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-        if lab.shape != (images.shape[0],):
-            raise ValueError(f"labels must have shape ({images.shape[0]},), got {lab.shape}")
-        arrays["arr_1"] = lab.astype(np.int64)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-@contextlib.contextmanager
-def _open_npz_member(path: Path, key: str) -> Iterator[tuple[Any, tuple[int, ...], np.dtype]]:
-    """Open ``key`` of an ``.npz`` as a stream positioned at the array data: (file, shape, dtype)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"npz file not found: {path}")
-    try:
-        zf = zipfile.ZipFile(path)
-    except zipfile.BadZipFile as e:
-        raise ValueError(f"{path} is not a readable .npz file (corrupt or truncated?): {e}") from e
-    with zf:
-        names = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
-        if key not in names:
-            raise KeyError(
-                f"{path}: expected images under key {key!r} (ADM layout), found keys {sorted(names)}"
-            )
-        with zf.open(f"{key}.npy") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = (
-                np.lib.format.read_array_header_1_0
-                if version == (1, 0)
-                else np.lib.format.read_array_header_2_0
-            )
-            shape, fortran, dtype = read_header(f)
-            if fortran or dtype.hasobject:
-                raise ValueError(f"{path}:{key}: expected a C-ordered numeric array")
-            yield f, tuple(shape), dtype
-
-
-def npz_image_shape(path: str | os.PathLike[str], key: str = "arr_0") -> tuple[int, ...]:
-    """Shape of the image array in an ADM ``.npz`` without reading the images."""
-    with _open_npz_member(Path(path), key) as (_, shape, _dtype):
-        return shape
-
-
-def iter_npz_images(
-    path: str | os.PathLike[str], batch_size: int = 256, key: str = "arr_0"
-) -> Iterator[np.ndarray]:
-    """Stream the images of an ADM ``.npz`` in chunks of (<= batch_size, H, W, 3) uint8, reading the
-    file sequentially (50k 256x256 images are 9.8 GB; they never sit in memory at once)."""
-    path = Path(path)
-    with _open_npz_member(path, key) as (f, shape, dtype):
-        if dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3:
-            raise ValueError(
-                f"{path}:{key}: expected uint8 images (N, H, W, 3) (ADM layout), got {dtype} {shape}"
-            )
-        per_image = int(np.prod(shape[1:]))
-        remaining = shape[0]
-        while remaining > 0:
-            b = min(batch_size, remaining)
-            buf = f.read(b * per_image)
-            if len(buf) != b * per_image:
-                raise ValueError(
-                    f"{path}:{key} is truncated "
-                    f"({shape[0] - remaining + len(buf) // per_image} of {shape[0]} images)"
-                )
-            yield np.frombuffer(buf, dtype=np.uint8).reshape((b, *shape[1:]))
-            remaining -= b
-
-
-def load_npz_images(path: str | os.PathLike[str], key: str = "arr_0") -> np.ndarray:
-    """All images of an ADM ``.npz`` as one uint8 (N, H, W, 3) array (small files; else use
-    :func:`iter_npz_images`). Nothing is unpickled."""
-    chunks = list(iter_npz_images(path, batch_size=1 << 30, key=key))
-    return chunks[0] if len(chunks) == 1 else np.concatenate(chunks)
+    return sums, n, size, (real_stats, fake_stats, latent_stats)
 
 
 # ################################################################################################
 # generation evaluation
 # ################################################################################################
-
-
-def precision_recall(
-    real_features: torch.Tensor | np.ndarray,
-    fake_features: torch.Tensor | np.ndarray,
-    k: int = 3,
-    *,
-    row_batch_size: int = 1024,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[float, float]:
-    """Improved precision and recall (Kynkäänniemi et al. 2019), ``(precision, recall)``.
-
-    Each set's manifold is the union of balls around its points, the radius being the distance to
-    the k-th nearest *other* point of the same set. Precision = fraction of fake samples inside
-    the real manifold; recall = fraction of real samples inside the fake manifold. ``d <= r``
-    counts as inside. As ADM's evaluator and torch-fidelity ``prc``, with k = 3 by default.
-    Distances are computed in blocks of ``row_batch_size`` rows (memory O(rows x N)).
-    """
-    real = torch.as_tensor(real_features).to(device=device, dtype=dtype)
-    fake = torch.as_tensor(fake_features).to(device=device, dtype=dtype)
-    if real.dim() != 2 or fake.dim() != 2 or real.shape[1] != fake.shape[1]:
-        raise ValueError(
-            f"expected (N, D) and (M, D) features, got {tuple(real.shape)} and {tuple(fake.shape)}"
-        )
-    for name, f in (("real", real), ("fake", fake)):
-        if f.shape[0] <= k:
-            raise ValueError(f"need more than k={k} {name} samples, got {f.shape[0]}")
-
-    def radii(x: torch.Tensor) -> torch.Tensor:  # (N,) distance to the k-th neighbour, self excluded
-        out = [
-            torch.cdist(x[i : i + row_batch_size], x).kthvalue(k + 1, dim=1).values
-            for i in range(0, len(x), row_batch_size)
-        ]
-        return torch.cat(out)
-
-    def inside(query: torch.Tensor, ref: torch.Tensor, ref_radii: torch.Tensor) -> torch.Tensor:
-        hits = [
-            (torch.cdist(query[i : i + row_batch_size], ref) <= ref_radii[None]).any(dim=1)
-            for i in range(0, len(query), row_batch_size)
-        ]
-        return torch.cat(hits)
-
-    precision = inside(fake, real, radii(real)).double().mean().item()
-    recall = inside(real, fake, radii(fake)).double().mean().item()
-    return precision, recall
 
 
 @dataclasses.dataclass
@@ -700,22 +381,19 @@ def evaluate_generation(
     reference = Path(reference)
     if not reference.is_file():
         raise FileNotFoundError(f"reference file not found: {reference}")
-    try:
-        with np.load(reference, allow_pickle=False) as f:
-            ref_keys = set(f.files)
-            ref_stats = (
-                FIDStats(np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64))
-                if {"mu", "sigma"} <= ref_keys
-                else None
-            )
-    except (ValueError, OSError, zipfile.BadZipFile) as e:
-        raise ValueError(f"{reference} is not a readable .npz file: {e}") from e
+    ref_keys = _npz_keys(reference)
+    has_stats = {"mu", "sigma"} <= ref_keys
+    ref_stats = load_reference_stats(reference) if has_stats else None  # validated shapes
     has_images = "arr_0" in ref_keys
     if ref_stats is None and not has_images:
         raise KeyError(
             f"{reference}: expected 'mu'/'sigma' statistics and/or 'arr_0' images (ADM layout), "
             f"found keys {sorted(ref_keys)}"
         )
+    for p in sample_paths:
+        npz_image_shape(p)  # every sample file in the ADM layout before any work
+    if has_images:
+        npz_image_shape(reference)
     device = torch.device(device)
     extractor = _default_extractor(feature_extractor, inception_weights, device)
     want_pr = precision_recall_k is not None and has_images
@@ -770,8 +448,17 @@ def evaluate_generation(
         num_reference_images=n_ref
         if n_ref is not None
         else (npz_image_shape(reference)[0] if has_images else None),
-        reference_stats_from="file" if {"mu", "sigma"} <= ref_keys else "images",
+        reference_stats_from="file" if has_stats else "images",
     )
+
+
+def _npz_keys(path: Path) -> set[str]:
+    """Array names in an ``.npz`` (reads the zip directory only)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ValueError(f"{path} is not a readable .npz file: {e}") from e
 
 
 def compute_npz_stats(

@@ -1,29 +1,34 @@
-"""Class-balanced sample generation to an ADM-evaluator ``.npz`` (FID / IS), resumable and sharded.
+"""Sample images with a LatentDiT + DMVAE: a batch (:func:`sample_images`) or a class-balanced,
+resumable, sharded ADM-evaluator ``.npz`` (:func:`generate_npz`).
 
-``generate_npz(dit, vae, "samples.npz", num_per_class=50, num_classes=1000)`` draws
-``num_classes * num_per_class`` latents with :func:`dmvae.samplers.sample`, decodes them with
-``vae.decode(latents, normalize=True)`` (DiT latents are *normalised* latents), converts them as the
-reference does (``clamp(127.5 x + 128, 0, 255)`` truncated to uint8, NHWC) and writes
-``np.savez(path, arr_0=images, arr_1=labels)``, the layout the ADM evaluator and torch-fidelity read.
+Both draw latents with :func:`dmvae.samplers.sample`, decode them with
+``vae.decode(latents, normalize=True)`` (DiT latents are *normalised* latents) and convert them
+as the reference does (:func:`dmvae.image.to_uint8`: ``clamp(127.5 x + 128, 0, 255)`` truncated,
+NHWC). The npz is ``arr_0`` = uint8 images, ``arr_1`` = labels, the layout the ADM evaluator and
+torch-fidelity read (:mod:`dmvae.npz`).
 
 Reproducibility and resumption:
 
 * image ``i`` has label ``i % num_classes`` (:func:`balanced_labels`) and its own starting noise,
-  drawn from a generator seeded with ``(seed, i)`` -- independent of batch size and world size;
-* SDE noise comes from a generator seeded with ``(seed, batch index)``;
-* every batch is written atomically to ``<out>.shards/shard_XXXXXX.npz``; a restart skips the
-  shards already on disk, so an interrupted run loses at most one batch and never duplicates one;
-* ranks (``torchrun``) take batches ``b`` with ``b % world_size == rank``; rank 0 merges.
+  drawn from a CPU generator seeded with ``sample_seed(seed, i)`` -- independent of batch size,
+  world size and device;
+* SDE noise of batch ``b`` comes from a generator on the sampling device seeded with
+  ``sample_seed(seed, total + b)`` (a grid of n images is batch 0 of a run of n images);
+* every batch is written atomically as a shard (:class:`dmvae.npz.ShardedNpzWriter`); a restart
+  skips the shards already on disk, so an interrupted run loses at most one batch and never
+  duplicates one. The shards carry a fingerprint of the weights (digests of both models' tensors
+  and configs) and of every setting that changes the images; a resume with another model or
+  other settings is refused;
+* ranks (``torchrun``; read through :mod:`dmvae.training.distributed`) take batches ``b`` with
+  ``b % world_size == rank``; rank 0 merges.
 """
 
 from __future__ import annotations
 
-import io
+import hashlib
 import json
-import math
 import os
-import tempfile
-import zipfile
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -31,18 +36,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from dmvae.hub import atomic_write_bytes, atomic_write_text
-from dmvae.samplers import sample
+from dmvae.image import to_uint8_numpy
+from dmvae.npz import ShardedNpzWriter
 
-__all__ = ["balanced_labels", "generate_npz", "sample_seed", "to_uint8"]
+__all__ = [
+    "balanced_labels",
+    "check_compatible",
+    "generate_npz",
+    "model_digest",
+    "sample_images",
+    "sample_seed",
+    "to_uint8",
+]
+
+#: (B, 3, H, W) float in [-1, 1] -> (B, H, W, 3) uint8 numpy; :func:`dmvae.image.to_uint8_numpy`.
+to_uint8 = to_uint8_numpy
 
 
 def balanced_labels(num_classes: int, num_per_class: int) -> torch.Tensor:
     """``[0, 1, ..., C-1] * num_per_class`` as int64 (every prefix of C labels is one per class)."""
     if num_classes < 1 or num_per_class < 1:
-        raise ValueError(
-            f"num_classes and num_per_class must be >= 1, got {num_classes}, {num_per_class}"
-        )
+        raise ValueError(f"num_classes and num_per_class must be >= 1, got {num_classes}, {num_per_class}")
     return torch.arange(num_classes, dtype=torch.long).repeat(num_per_class)
 
 
@@ -51,11 +65,139 @@ def sample_seed(seed: int, index: int) -> int:
     return (int(seed) * 0x9E3779B97F4A7C15 + int(index) * 0xBF58476D1CE4E5B9 + 1) % (2**63 - 1)
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) float in ~[-1, 1] -> (B, H, W, 3) uint8, ``clamp(127.5 x + 128)`` truncated
-    (the reference's conversion)."""
-    x = torch.clamp(127.5 * images.float() + 128.0, 0, 255)
-    return x.permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
+def model_digest(model: Any) -> str:
+    """Content digest of a model: its class, its ``config`` (if any) and every tensor of its
+    ``state_dict`` (names, dtypes, shapes, bytes); 32 hex digits of BLAKE2b.
+
+    Reads each tensor once on the host (a few seconds for a 700M-parameter model).
+    """
+    h = hashlib.blake2b(digest_size=16)
+    h.update(type(model).__name__.encode())
+    config = getattr(model, "config", None)
+    to_dict = getattr(config, "to_dict", None)
+    if callable(to_dict):
+        h.update(json.dumps(to_dict(), sort_keys=True, default=repr).encode())
+    state = model.state_dict() if callable(getattr(model, "state_dict", None)) else {}
+    for name, t in sorted(state.items()):
+        if not isinstance(t, torch.Tensor):
+            continue
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        data = t.detach().to("cpu").contiguous().reshape(-1)
+        if data.numel():
+            h.update(data.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _latent_shape(dit: Any) -> tuple[int, int, int]:
+    cfg = getattr(dit, "config", None)
+    if cfg is None:
+        raise TypeError("dit must expose .config (in_channels, input_size), e.g. a LatentDiT")
+    return (int(cfg.in_channels), int(cfg.input_size), int(cfg.input_size))
+
+
+def check_compatible(dit: Any, vae: Any, labels: torch.Tensor | None = None) -> None:
+    """Check, before any sampling step, that ``vae`` can decode ``dit``'s latents and that the
+    labels are classes of ``dit``; raise ``ValueError`` naming the mismatch.
+
+    - latent channels: ``dit.config.in_channels`` must equal the VAE's ``config.z_channels``;
+    - latent grid: a DMVAE decodes any grid, so a DiT grid other than the VAE's training grid
+      (``image_size / patch_size``) gives images of another resolution: a warning;
+    - classes: labels in ``[0, num_classes)``; labels for an unconditional DiT are refused.
+    """
+    c, h, _ = _latent_shape(dit)
+    vcfg = getattr(vae, "config", None)
+    z = getattr(vcfg, "z_channels", None)
+    if z is not None and int(z) != c:
+        raise ValueError(
+            f"the DiT samples {c}-channel latents (in_channels={c}) but the VAE decodes {z}-channel "
+            f"latents (z_channels={z}): this DiT was trained on another autoencoder's latents"
+        )
+    size, patch = getattr(vcfg, "image_size", None), getattr(vcfg, "patch_size", None)
+    if size is not None and patch is not None and int(size) // int(patch) != h:
+        warnings.warn(
+            f"the DiT samples {h}x{h} latent grids but the VAE was trained on {size // patch}x{size // patch} "
+            f"grids ({size}px images): the images will be {h * patch}px",
+            stacklevel=2,
+        )
+    if labels is not None:
+        n = int(getattr(dit.config, "num_classes", 0))
+        if n == 0:
+            raise ValueError("the DiT is unconditional (num_classes=0); it takes no class labels")
+        bad = labels[(labels < 0) | (labels >= n)]
+        if bad.numel():
+            raise ValueError(f"class labels must be in [0, {n}) for this DiT, got {sorted(set(bad.tolist()))[:10]}")
+
+
+@torch.no_grad()
+def sample_images(
+    dit: torch.nn.Module,
+    vae: Any,
+    labels: torch.Tensor | list[int] | None,
+    *,
+    seed: int = 0,
+    first_index: int = 0,
+    sde_seed: int | None = None,
+    num_images: int | None = None,
+    device: torch.device | str | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
+    **sampler_kwargs: Any,
+) -> np.ndarray:
+    """Sample and decode one batch; uint8 (B, H, W, 3).
+
+    Args:
+        dit: the velocity model (e.g. :class:`~dmvae.dit.LatentDiT`); latent shape from
+            ``dit.config`` (``in_channels``, ``input_size``). Run in eval mode; its mode is restored.
+        vae: anything with ``decode(latents, normalize=True) -> (B, 3, H, W)`` in ~[-1, 1].
+        labels: (B,) class ids, or None for an unconditional model (then ``num_images`` = B).
+        seed, first_index: image ``j`` starts from noise seeded with
+            ``sample_seed(seed, first_index + j)`` (CPU generator, so every device draws the same).
+        sde_seed: seed of the SDE noise generator on ``device`` (default
+            ``sample_seed(seed, first_index + B)``).
+        device: where to sample (default: the DiT's device).
+        autocast_dtype: e.g. ``torch.bfloat16`` to sample and decode under autocast.
+        **sampler_kwargs: passed to :func:`dmvae.samplers.sample` (``num_steps`` required).
+    """
+    from dmvae.samplers import sample
+
+    for bad in ("noise", "generator", "return_trajectory"):
+        if bad in sampler_kwargs:
+            raise ValueError(f"{bad!r} is chosen by sample_images and cannot be passed")
+    if "num_steps" not in sampler_kwargs:
+        raise ValueError("sample_images needs the sampler's num_steps= (integration steps)")
+    shape = _latent_shape(dit)
+    if device is None:
+        device = next(dit.parameters()).device
+    device = torch.device(device)
+    if labels is not None:
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        n = labels.shape[0]
+    elif num_images is not None:
+        n = int(num_images)
+    else:
+        raise ValueError("pass labels, or num_images for an unconditional model")
+    if n < 1:
+        raise ValueError("nothing to sample: 0 images requested")
+    noise = torch.stack([
+        torch.randn(shape, generator=torch.Generator().manual_seed(sample_seed(seed, first_index + j)))
+        for j in range(n)
+    ]).to(device)  # fmt: skip
+    gen = torch.Generator(device=device).manual_seed(
+        sde_seed if sde_seed is not None else sample_seed(seed, first_index + n)
+    )
+    amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+    was_training = dit.training
+    dit.eval()
+    try:
+        with amp:
+            latents = sample(dit, noise, None if labels is None else labels.to(device), generator=gen,
+                             progress=progress, **sampler_kwargs)  # fmt: skip
+            images = vae.decode(latents, normalize=True)
+    finally:
+        dit.train(was_training)
+    if images.ndim != 4 or images.shape[0] != n or images.shape[1] != 3:
+        raise ValueError(f"vae.decode must return (B, 3, H, W) with B = {n}, got {tuple(images.shape)}")
+    return to_uint8_numpy(images)
 
 
 def _json_safe(v: Any) -> Any:
@@ -64,14 +206,6 @@ def _json_safe(v: Any) -> Any:
     if isinstance(v, (list, tuple)):
         return [_json_safe(x) for x in v]
     return repr(v)
-
-
-def _shard_ok(path: Path) -> bool:
-    try:
-        with np.load(path) as f:
-            return "images" in f and "indices" in f
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError):
-        return False
 
 
 def generate_npz(
@@ -83,158 +217,89 @@ def generate_npz(
     num_classes: int | None = None,
     batch_size: int = 25,
     seed: int = 0,
-    rank: int = 0,
-    world_size: int = 1,
+    rank: int | None = None,
+    world_size: int | None = None,
     progress: bool = True,
     device: torch.device | str | None = None,
     autocast_dtype: torch.dtype | None = None,
     shard_dir: str | os.PathLike[str] | None = None,
     keep_shards: bool = False,
+    overwrite: bool = True,
     **sampler_kwargs: Any,
 ) -> Path | None:
     """Generate ``num_classes * num_per_class`` class-balanced images into an ADM-format npz.
 
     Args:
-        dit: the velocity model (e.g. :class:`~dmvae.dit.LatentDiT`); its latent shape is read from
-            ``dit.config`` (``in_channels``, ``input_size``).
-        vae: anything with ``decode(latents, normalize=True) -> (B, 3, H, W)`` in ~[-1, 1].
+        dit, vae: see :func:`sample_images`.
         out_path: the final ``.npz``.
         num_per_class, num_classes: label layout (``num_classes`` defaults to ``dit.num_classes``).
-        batch_size: images per model batch and per shard (must not change when resuming).
+        batch_size: images per model batch and per shard (part of the fingerprint).
         seed: base seed; see the module docstring.
-        rank, world_size: this process's share of the batches (``torchrun``: RANK, WORLD_SIZE).
+        rank, world_size: this process's share of the batches (default: from
+            :mod:`dmvae.training.distributed`, i.e. torchrun's process group).
         progress: tqdm bar over this rank's batches.
         device: where to sample (default: the DiT's device).
         autocast_dtype: e.g. ``torch.bfloat16`` to sample and decode under autocast (the release).
         shard_dir: where the per-batch shards go (default ``<out_path>.shards``).
         keep_shards: keep the shard directory after merging.
+        overwrite: False refuses an existing ``out_path`` before any work (``FileExistsError``).
         **sampler_kwargs: passed to :func:`dmvae.samplers.sample` (``num_steps`` required).
 
     Returns:
         the merged ``.npz`` path on rank 0, ``None`` on other ranks.
     """
+    from dmvae.training.distributed import barrier, get_rank, get_world_size
+
     if "num_steps" not in sampler_kwargs:
         raise ValueError("generate_npz needs the sampler's num_steps= (integration steps)")
     for bad in ("noise", "labels", "generator", "return_trajectory"):
         if bad in sampler_kwargs:
             raise ValueError(f"{bad!r} is chosen by generate_npz and cannot be passed")
+    rank = get_rank() if rank is None else int(rank)
+    world_size = get_world_size() if world_size is None else int(world_size)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    cfg = getattr(dit, "config", None)
-    if cfg is None:
-        raise TypeError("dit must expose .config (in_channels, input_size), e.g. a LatentDiT")
-    num_classes = int(num_classes if num_classes is not None else cfg.num_classes)
-    labels_all = balanced_labels(num_classes, num_per_class)
-    total = len(labels_all)
-    latent_shape = (cfg.in_channels, cfg.input_size, cfg.input_size)
     out_path = Path(out_path)
-    shard_dir = Path(shard_dir) if shard_dir is not None else out_path.with_name(out_path.name + ".shards")
-    shard_dir.mkdir(parents=True, exist_ok=True)
+    if not overwrite and out_path.exists():
+        raise FileExistsError(f"{out_path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    latent_shape = _latent_shape(dit)
+    num_classes = int(num_classes if num_classes is not None else dit.config.num_classes)
+    labels_all = balanced_labels(num_classes, num_per_class)
+    check_compatible(dit, vae, labels_all[:num_classes])
+    total = len(labels_all)
     if device is None:
         device = next(dit.parameters()).device
     device = torch.device(device)
-
-    meta = {
-        "num_classes": num_classes, "num_per_class": num_per_class, "batch_size": batch_size,
-        "seed": seed, "latent_shape": list(latent_shape),
+    fingerprint = {
+        "num_classes": num_classes, "num_per_class": num_per_class, "seed": int(seed),
+        "latent_shape": list(latent_shape), "dit": model_digest(dit), "vae": model_digest(vae),
+        "autocast": None if autocast_dtype is None else str(autocast_dtype),
         "sampler": {k: _json_safe(v) for k, v in sorted(sampler_kwargs.items()) if k != "progress"},
-    }
-    meta_path = shard_dir / "meta.json"
-    if meta_path.is_file():
-        old = json.loads(meta_path.read_text())
-        if old != meta:
-            raise ValueError(
-                f"{shard_dir} holds shards of a different run ({old}); this run is {meta}. "
-                "Delete the directory or repeat the same settings to resume."
-            )
-    else:
-        atomic_write_text(meta_path, json.dumps(meta, indent=2) + "\n")
-
-    num_batches = math.ceil(total / batch_size)
-    mine = [b for b in range(num_batches) if b % world_size == rank]
-    todo = [b for b in mine if not _shard_ok(shard_dir / f"shard_{b:06d}.npz")]
+    }  # fmt: skip
+    writer = ShardedNpzWriter(out_path, total=total, batch_size=batch_size, fingerprint=fingerprint,
+                              shard_dir=shard_dir).open()  # fmt: skip
+    mine = list(range(rank, writer.num_batches, world_size))
+    todo = writer.pending(mine)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"sampling (rank {rank})",
-                   unit="batch")
-    was_training = dit.training
-    dit.eval()
-    amp = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-           else nullcontext())
+        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"sampling (rank {rank})", unit="batch")
     try:
         for b in todo:
             lo, hi = b * batch_size, min((b + 1) * batch_size, total)
-            noise = torch.stack([
-                torch.randn(latent_shape, generator=torch.Generator().manual_seed(sample_seed(seed, i)))
-                for i in range(lo, hi)
-            ]).to(device)
-            labels = labels_all[lo:hi].to(device)
-            gen = torch.Generator(device=device).manual_seed(sample_seed(seed, total + b))
-            with torch.no_grad(), amp:
-                latents = sample(dit, noise, labels, generator=gen, **sampler_kwargs)
-                images = vae.decode(latents, normalize=True)
-            if images.ndim != 4 or images.shape[0] != hi - lo or images.shape[1] != 3:
-                raise ValueError(
-                    f"vae.decode must return (B, 3, H, W) with B = {hi - lo}, got {tuple(images.shape)}"
-                )
-            buf = io.BytesIO()
-            np.savez(buf, images=to_uint8(images), labels=labels.cpu().numpy(),
-                     indices=np.arange(lo, hi))
-            atomic_write_bytes(shard_dir / f"shard_{b:06d}.npz", buf.getvalue())
+            images = sample_images(dit, vae, labels_all[lo:hi], seed=seed, first_index=lo,
+                                   sde_seed=sample_seed(seed, total + b), device=device,
+                                   autocast_dtype=autocast_dtype, **sampler_kwargs)  # fmt: skip
+            writer.write(b, images, labels_all[lo:hi].numpy())
             if bar is not None:
                 bar.update(1)
     finally:
         if bar is not None:
             bar.close()
-        dit.train(was_training)
-
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    barrier()
     if rank != 0:
         return None
-    return _merge(shard_dir, out_path, num_batches, total, keep_shards)
-
-
-def _merge(shard_dir: Path, out_path: Path, num_batches: int, total: int, keep: bool) -> Path:
-    missing = [b for b in range(num_batches) if not _shard_ok(shard_dir / f"shard_{b:06d}.npz")]
-    if missing:
-        raise RuntimeError(
-            f"{len(missing)} of {num_batches} shards are missing in {shard_dir} (first: {missing[:5]}); "
-            "other ranks have not finished. Re-run them (completed shards are skipped)."
-        )
-    images = labels = None
-    seen = np.zeros(total, dtype=bool)
-    for b in range(num_batches):
-        with np.load(shard_dir / f"shard_{b:06d}.npz") as f:
-            idx, img, lab = f["indices"], f["images"], f["labels"]
-        if images is None:
-            images = np.empty((total, *img.shape[1:]), dtype=np.uint8)
-            labels = np.empty(total, dtype=np.int64)
-        if seen[idx].any():
-            raise RuntimeError(f"shard {b} repeats image indices; the shard directory is inconsistent")
-        seen[idx] = True
-        images[idx], labels[idx] = img, lab
-    if not seen.all():
-        raise RuntimeError(f"{(~seen).sum()} images are missing after merging {shard_dir}")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".tmp.npz", dir=out_path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, arr_0=images, arr_1=labels)
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if not keep:
-        for p in shard_dir.glob("shard_*.npz"):
-            p.unlink()
-        (shard_dir / "meta.json").unlink(missing_ok=True)
-        try:
-            shard_dir.rmdir()
-        except OSError:
-            pass
-    return out_path
+    return writer.merge(keep_shards=keep_shards)

@@ -13,24 +13,34 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
+from typing import Literal, Union
 
 import numpy as np
 import torch
+import torch.utils.data
 from PIL import Image
 from torch import Tensor
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "TRANSPARENCY_BACKGROUND",
-    "load_image",
-    "pil_to_rgb",
+    "ImageFolderDataset",
+    "center_crop_adm",
     "center_crop_arr",
+    "folder_class_labels",
+    "list_images",
+    "load_image",
+    "make_grid",
+    "pil_to_rgb",
     "pil_to_tensor",
+    "resize_center_crop",
+    "save_image_grid",
     "tensor_to_pil",
+    "to_uint8",
     "to_uint8_numpy",
 ]
 
@@ -203,12 +213,29 @@ def pil_to_tensor(
     return batch.permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
 
 
-def to_uint8_numpy(x: Tensor) -> np.ndarray:
-    """(B, 3, H, W) or (3, H, W) images in [-1, 1] -> uint8 (B, H, W, 3).
+def to_uint8(images: Tensor) -> Tensor:
+    """[-1, 1] float images -> uint8 of the same shape: ``trunc(clamp(127.5 x + 128, 0, 255))``.
 
-    ``trunc(clamp(127.5 x + 128, 0, 255))``: the reference's conversion (round half-up of
-    ``127.5 x + 127.5``); values outside [-1, 1] saturate.
+    The one float -> 8-bit conversion of dmvae (reconstructions, samples, the npz writer, the
+    metrics): the reference's conversion, i.e. ``127.5 x + 127.5`` rounded half-up, so
+    ``uint8 -> x -> uint8`` is the identity; values outside [-1, 1] saturate. (ADM's
+    ``((x + 1) * 127.5).to(uint8)`` truncates instead, darkening every image by half a level on
+    average.) uint8 input is returned unchanged; NaN / inf raise ``ValueError`` (a NaN would
+    otherwise become a silent black pixel).
     """
+    if not isinstance(images, Tensor):
+        raise TypeError(f"expected a torch.Tensor of images, got {type(images).__name__}")
+    if images.dtype == torch.uint8:
+        return images
+    if not images.is_floating_point():
+        raise TypeError(f"expected a float image tensor in [-1, 1] or uint8, got dtype {images.dtype}")
+    if not torch.isfinite(images).all():
+        raise ValueError("images contain NaN or infinite values; cannot convert to uint8")
+    return torch.clamp(127.5 * images.detach().float() + 128.0, 0, 255).to(torch.uint8)  # trunc = floor
+
+
+def to_uint8_numpy(x: Tensor) -> np.ndarray:
+    """(B, 3, H, W) or (3, H, W) images in [-1, 1] -> uint8 numpy (B, H, W, 3) (see :func:`to_uint8`)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"expected a torch.Tensor of images, got {type(x).__name__}")
     if x.ndim == 3:
@@ -217,14 +244,197 @@ def to_uint8_numpy(x: Tensor) -> np.ndarray:
         raise ValueError(f"expected images of shape (B, 3, H, W) or (3, H, W), got {tuple(x.shape)}")
     if not x.is_floating_point():
         raise TypeError(f"expected floating-point images in [-1, 1], got dtype {x.dtype}")
-    x = x.detach().float()
-    if not torch.isfinite(x).all():
-        raise ValueError("images contain NaN or infinite values; cannot convert to uint8")
-    out = torch.clamp(127.5 * x + 128.0, 0, 255).to(torch.uint8)  # truncation = floor here
-    return out.permute(0, 2, 3, 1).cpu().numpy()
+    return to_uint8(x).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def tensor_to_pil(x: Tensor) -> list[Image.Image]:
     """(B, 3, H, W) or (3, H, W) images in [-1, 1] -> list of RGB PIL images (see
     :func:`to_uint8_numpy` for the rounding)."""
     return [Image.fromarray(a) for a in to_uint8_numpy(x)]
+
+
+# ################################################################################################
+# folders of images, evaluation crops
+# ################################################################################################
+
+
+def list_images(root: str | os.PathLike[str], num: int | None = None) -> list[Path]:
+    """All files with an :data:`IMAGE_EXTENSIONS` suffix under ``root`` (recursive: a flat folder or
+    an ImageNet ``<split>/<wnid>/*.JPEG`` tree), sorted by relative path.
+
+    ``num`` picks ``num`` of them spread evenly over that order (index ``i * total // num``), so a
+    subset covers every class folder and is the same on every run and for every batch size.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    files = sorted(
+        (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+    if num is not None:
+        if isinstance(num, bool) or not isinstance(num, int) or num < 1:
+            raise ValueError(f"num must be a positive int, got {num!r}")
+        if num > len(files):
+            raise ValueError(f"asked for {num} images but {root} holds only {len(files)}")
+        files = [files[i * len(files) // num] for i in range(num)]
+    return files
+
+
+def folder_class_labels(
+    root: str | os.PathLike[str], files: Sequence[str | os.PathLike[str]]
+) -> tuple[list[int], list[str]] | None:
+    """Class labels of ``files`` from the ImageNet class-folder layout ``<root>/<class>/...``.
+
+    Returns ``(labels, classes)`` with ``label = index of the file's top folder in the sorted
+    class names``, or ``None`` when some file lies directly in ``root`` (a flat folder has no
+    classes). Files outside ``root`` raise ``ValueError``.
+    """
+    root = Path(root)
+    tops = []
+    for f in files:
+        try:
+            parts = Path(f).relative_to(root).parts
+        except ValueError:
+            raise ValueError(f"{f} is not under {root}") from None
+        if len(parts) < 2:
+            return None
+        tops.append(parts[0])
+    classes = sorted(set(tops))
+    index = {c: i for i, c in enumerate(classes)}
+    return [index[t] for t in tops], classes
+
+
+def center_crop_adm(image: Image.Image, image_size: int = 256) -> np.ndarray:
+    """ADM's centre crop (:func:`center_crop_arr`) of any-mode image as a writable (S, S, 3) uint8.
+
+    The standard crop for ImageNet rFID and the ADM reference batches.
+    """
+    return np.array(center_crop_arr(pil_to_rgb(image), image_size), dtype=np.uint8)
+
+
+def resize_center_crop(image: Image.Image, image_size: int = 256, resize_ratio: float = 1.5) -> np.ndarray:
+    """The DMVAE reference's validation transform, (S, S, 3) uint8: short side to
+    ``int(resize_ratio * S)`` (384 for 256) with LANCZOS (torchvision ``Resize``: long side
+    ``int(size * long / short)``), then torchvision ``CenterCrop`` (offsets
+    ``round((dim - S) / 2)``).
+
+    This is *not* ADM's crop: it keeps less of the image (a 2/3 centre window) and so gives lower
+    rFIDs than :func:`center_crop_adm`. Use it only to reproduce the reference's training-time
+    numbers.
+    """
+    image = pil_to_rgb(image)
+    w, h = image.size
+    short = int(resize_ratio * image_size)
+    if w <= h:
+        new_w, new_h = short, int(short * h / w)
+    else:
+        new_w, new_h = int(short * w / h), short
+    image = image.resize((new_w, new_h), resample=Image.LANCZOS)
+    arr = np.asarray(image)
+    top = int(round((arr.shape[0] - image_size) / 2.0))
+    left = int(round((arr.shape[1] - image_size) / 2.0))
+    return arr[top : top + image_size, left : left + image_size].copy()  # writable, contiguous
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """Centre-cropped images of a folder as uint8 tensors (3, S, S), for evaluation.
+
+    Args:
+        root: a folder of images or an ImageNet-val tree (see :func:`list_images`).
+        image_size: S.
+        crop: ``"adm"`` (:func:`center_crop_adm`, the standard) or ``"dmvae"``
+            (:func:`resize_center_crop`, the reference's resize-384 + centre crop).
+        num: ``num`` images spread evenly over the sorted list (None = all).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        image_size: int = 256,
+        crop: Literal["adm", "dmvae"] = "adm",
+        num: int | None = None,
+    ) -> None:
+        if crop not in ("adm", "dmvae"):
+            raise ValueError(f"crop must be 'adm' or 'dmvae', got {crop!r}")
+        self.files = list_images(root, num)
+        self.image_size = image_size
+        self.crop = crop
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Tensor:
+        image = load_image(self.files[index])
+        arr = (
+            center_crop_adm(image, self.image_size)
+            if self.crop == "adm"
+            else resize_center_crop(image, self.image_size)
+        )
+        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # (3, S, S) uint8
+
+
+# ################################################################################################
+# grids
+# ################################################################################################
+
+
+def make_grid(images: np.ndarray | Tensor, nrow: int | None = None, padding: int = 2) -> np.ndarray:
+    """Tile images into one (rows (H + p) + p, cols (W + p) + p, 3) uint8 array, black borders.
+
+    Args:
+        images: uint8 (B, H, W, 3), or a tensor (B, 3, H, W) uint8 / float in [-1, 1]
+            (converted by :func:`to_uint8`).
+        nrow: images per row (default ``ceil(sqrt(B))``).
+        padding: border width p in pixels between and around the tiles.
+    """
+    if isinstance(images, Tensor):
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected a (B, 3, H, W) tensor, got shape {tuple(images.shape)}")
+        images = to_uint8(images).permute(0, 2, 3, 1).cpu().numpy()
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(images) == 0:
+        raise ValueError(f"expected uint8 images (B, H, W, 3) with B >= 1, got {images.dtype} {images.shape}")
+    b, h, w, _ = images.shape
+    if nrow is not None and (isinstance(nrow, bool) or not isinstance(nrow, int) or nrow < 1):
+        raise ValueError(f"nrow must be a positive int, got {nrow!r}")
+    if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
+        raise ValueError(f"padding must be an int >= 0, got {padding!r}")
+    cols = min(nrow or math.ceil(math.sqrt(b)), b)
+    rows = math.ceil(b / cols)
+    p = padding
+    canvas = np.zeros((rows * (h + p) + p, cols * (w + p) + p, 3), dtype=np.uint8)
+    for i in range(b):
+        r, c = divmod(i, cols)
+        y0, x0 = p + r * (h + p), p + c * (w + p)
+        canvas[y0 : y0 + h, x0 : x0 + w] = images[i]
+    return canvas
+
+
+def save_image_grid(
+    images: np.ndarray | Tensor,
+    path: str | os.PathLike[str],
+    nrow: int | None = None,
+    padding: int = 2,
+    *,
+    overwrite: bool = True,
+) -> Path:
+    """:func:`make_grid` written atomically to ``path`` (format from the suffix, e.g. ``.png``).
+
+    ``overwrite=False`` refuses an existing file (``FileExistsError``).
+    """
+    import io
+
+    from dmvae._io import atomic_write_bytes
+
+    path = Path(path)
+    if not overwrite and path.exists():
+        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"cannot tell the image format from the suffix of {path} (use .png, .jpg, ...)")
+    buf = io.BytesIO()
+    Image.fromarray(make_grid(images, nrow, padding)).save(buf, format=fmt)
+    return atomic_write_bytes(path, buf.getvalue())

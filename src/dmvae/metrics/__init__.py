@@ -4,6 +4,7 @@ distribution distances between sample sets.
 ``dmvae.metrics.image``: :func:`psnr`, :func:`ssim` (scikit-image-exact), uint8 conversion.
 ``dmvae.metrics.fid``: :func:`frechet_distance`, :func:`inception_score`,
 :class:`StreamingStats`, :func:`load_reference_stats`, :class:`InceptionV3Features`.
+``dmvae.metrics.precision_recall``: k-NN improved precision/recall (Kynkäänniemi et al. 2019).
 ``dmvae.metrics.distribution``: energy distance, RBF MMD, sliced Wasserstein, coverage.
 LPIPS lives in :mod:`dmvae.lpips` (class ``LPIPS``). Protocols: ``docs/evaluation.md``.
 """
@@ -27,6 +28,7 @@ from dmvae.metrics.fid import (
     save_reference_stats,
 )
 from dmvae.metrics.image import psnr, ssim, to_uint8, uint8_to_float
+from dmvae.metrics.precision_recall import precision_recall
 
 __all__ = [
     "FIDStats",
@@ -40,6 +42,7 @@ __all__ = [
     "inception_score",
     "load_reference_stats",
     "median_bandwidth",
+    "precision_recall",
     "psnr",
     "rbf_mmd",
     "save_reference_stats",

@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
+from dmvae.image import to_uint8  # the one float -> uint8 conversion, re-exported here
+
 __all__ = ["psnr", "ssim", "to_uint8", "uint8_to_float"]
 
 # Wang et al. 2004 constants, as in skimage.
@@ -32,24 +34,6 @@ _K1 = 0.01
 _K2 = 0.03
 _SSIM_SIGMA = 1.5
 _SSIM_TRUNCATE = 3.5
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Map [-1, 1] float images to uint8, same shape: ``trunc(clamp(127.5 x + 128, 0, 255))``.
-
-    The reference's conversion (round half-up of ``127.5 (x + 1)``; values outside [-1, 1]
-    saturate), the same as :func:`dmvae.image.to_uint8_numpy` and the sampler's npz writer, so
-    reconstructions and samples are quantised exactly as the reference saves its PNGs. (ADM's
-    ``((x + 1) * 127.5).to(uint8)`` truncates instead, which darkens every image by half a level on
-    average.) uint8 input is returned unchanged.
-    """
-    if images.dtype == torch.uint8:
-        return images
-    if not images.is_floating_point():
-        raise TypeError(f"expected a float image tensor in [-1, 1] or uint8, got dtype {images.dtype}")
-    if not torch.isfinite(images).all():
-        raise ValueError("images contain NaN or infinite values; cannot convert to uint8")
-    return torch.clamp(127.5 * images.float() + 128.0, 0, 255).to(torch.uint8)  # truncation = floor here
 
 
 def uint8_to_float(images: torch.Tensor) -> torch.Tensor:
