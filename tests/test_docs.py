@@ -11,6 +11,8 @@ How the Python blocks run (``tests/_docs.py`` reads them):
   ``LightningDiT-*``) are swapped for models of the same interface (latent channels, patch, grid,
   classes, latent statistics) but a few layers wide, so ``DMVAE.from_pretrained("sen-ye/dmvae")``
   runs the real loading path, offline, on tiny weights in seconds;
+* ``DMVAE_LPIPS_WEIGHTS`` points at a complete LPIPS-VGG file with random weights (the docs' calls
+  run; their distances mean nothing);
 * without a GPU, ``"cuda"`` in a block reads ``"cpu"`` and ``.cuda()`` reads ``.cpu()``;
 * a comment that states a shape, ``z = vae.encode(x)  # (4, 32, 16, 16) ...``, is checked;
 * a block that cannot run here is preceded by ``<!-- docs-test: skip (reason) -->``; the reason is
@@ -31,6 +33,7 @@ import re
 import runpy
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -90,14 +93,12 @@ def _install_stand_ins(monkeypatch: pytest.MonkeyPatch, vae: dict, dit: dict) ->
         for name, cfg in {**vae, **dit}.items():
             monkeypatch.setitem(MODELS.entries, MODELS.key(name), lambda cfg=cfg: cfg.replace())
         return
-    import dataclasses
-
     from dmvae import autoencoder, dit as dit_module
 
     for name, cfg in vae.items():
         monkeypatch.setitem(autoencoder._PRESETS, name, lambda cfg=cfg: cfg.replace())
     for name, cfg in dit.items():
-        monkeypatch.setitem(dit_module._PRESETS, name, dataclasses.asdict(cfg))
+        monkeypatch.setitem(dit_module._PRESETS, name, lambda cfg=cfg: cfg.replace())
 
 
 @pytest.fixture(scope="module")
@@ -106,19 +107,23 @@ def docs_world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, di
     from PIL import Image
     from skimage import data
 
+    from safetensors.torch import save_file
+
     from dmvae import DMVAE, LatentDiT
+    from dmvae.lpips import LPIPS
 
     root = tmp_path_factory.mktemp("docs-world")
     vae_cfgs, dit_cfgs = _stand_in_configs()
     torch.manual_seed(0)
     vae = DMVAE(vae_cfgs["dmvae-l"])
-    ema = DMVAE(vae_cfgs["dmvae-l"])
-    torch.save({"vae_wo_ddp": vae.state_dict(), "vae_ema": ema.state_dict()}, root / "vae.pt")
+    torch.save({"vae_wo_ddp": vae.state_dict(), "vae_ema": _perturbed(vae.state_dict())}, root / "vae.pt")
     vae.save_pretrained(root / "out" / "dmvae-l")
     dit = LatentDiT(dit_cfgs["LightningDiT-XL/1"])
-    dit_ema = LatentDiT(dit_cfgs["LightningDiT-XL/1"])
-    torch.save({"model": dit.state_dict(), "ema": dit_ema.state_dict()}, root / "ep800.pt")
+    torch.save({"model": dit.state_dict(), "ema": _perturbed(dit.state_dict())}, root / "ep800.pt")
     Image.fromarray(data.astronaut()).save(root / "photo.jpg", quality=90)
+    with warnings.catch_warnings():  # random LPIPS weights: the docs' LPIPS() finds a complete file
+        warnings.simplefilter("ignore", UserWarning)
+        save_file(LPIPS(pretrained=False).state_dict(), root / "lpips_vgg.safetensors")
 
     snap = root / "hub" / "models--sen-ye--dmvae" / "snapshots" / HUB_COMMIT
     snap.mkdir(parents=True)
@@ -128,6 +133,11 @@ def docs_world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, di
     for name in ("ep800.pt", "ep400.pt", "ep64.pt"):
         shutil.copy(root / "ep800.pt", snap / name)
     return root, vae_cfgs, dit_cfgs
+
+
+def _perturbed(state: dict) -> dict:
+    """A second weight set (the "EMA" one) that differs visibly from the first."""
+    return {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v.clone() for k, v in state.items()}
 
 
 def _user_dir(world: Path, cwd: Path) -> None:
@@ -160,6 +170,7 @@ def test_python_blocks_run_as_written(
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(world / "hub"))
     monkeypatch.setenv("HF_HUB_CACHE", str(world / "hub"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("DMVAE_LPIPS_WEIGHTS", str(world / "lpips_vgg.safetensors"))
     _user_dir(world, tmp_path)
     monkeypatch.chdir(tmp_path)
 
