@@ -96,8 +96,8 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
     statistics, needs no scipy, and takes ~1.5 s in 2048-d on one CPU core. With fewer samples than
     feature dimensions (singular covariances) eigenvalues below the rounding level are treated as
     exact zeros, so the result stays real and identical statistics still give ~0, where ``sqrtm``
-    goes complex or needs an ``eps`` offset. The value is not clamped: identical statistics give 0
-    up to float64 rounding, possibly of either sign.
+    goes complex or needs an ``eps`` offset. The distance is >= 0 by definition, so a negative
+    result (float64 rounding of identical statistics, e.g. ``-1e-28``) is returned as 0.
     """
     m1, m2 = _as_float64(mu1, "mu1"), _as_float64(mu2, "mu2")
     s1, s2 = _as_float64(sigma1, "sigma1"), _as_float64(sigma2, "sigma2")
@@ -117,7 +117,7 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
     eig = torch.linalg.eigvalsh((m + m.T) / 2)
     tr_covmean = float(_clip_eigenvalues(eig).sqrt().sum())
     diff = m1 - m2
-    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
+    return max(0.0, float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean))
 
 
 def inception_score(
