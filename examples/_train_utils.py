@@ -41,6 +41,7 @@ def add_data_args(p: argparse.ArgumentParser, *, data_help: str = "") -> None:
                    help="'skimage' (bundled photos), an image folder (class sub-folders = labels), a file list "
                         "('<path> [<label>]' lines) or webdataset tar shards ('shards-{0000..0099}.tar')" + data_help)
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes per GPU/process")
+    g.add_argument("--num-classes", type=int, default=None, help="label count for tar shards (else from the data)")
     g.add_argument("--prefetch-factor", type=int, default=None, help="batches prefetched per worker (torch default 2)")
 
 
@@ -84,7 +85,8 @@ def make_loader(args: argparse.Namespace, image_size: int, batch_size: int, *,
     if _is_shards(args.data):
         from dmvae.training.webdataset import ShardLoader
 
-        return ShardLoader(args.data, transform, batch_size, seed=args.seed, num_workers=args.num_workers)
+        return ShardLoader(args.data, transform, batch_size, seed=args.seed, num_workers=args.num_workers,
+                           num_classes=args.num_classes)
     try:
         dataset = build_dataset(args.data, transform)
         return TrainLoader(dataset, batch_size, seed=args.seed, num_workers=args.num_workers,

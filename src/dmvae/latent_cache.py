@@ -117,7 +117,12 @@ def _sample_names(dataset: Dataset, n: int) -> list[str]:
 
 def _compatible(old: CacheInfo, new: CacheInfo) -> list[str]:
     keys = ("num_images", "shard_size", "image_size", "latent_shape", "dtype", "encoder_hash")
-    return [f"{k}: cache {getattr(old, k)!r}, now {getattr(new, k)!r}" for k in keys if getattr(old, k) != getattr(new, k)]
+
+    def short(v: Any) -> Any:
+        return v[:12] if isinstance(v, str) and len(v) == 64 else v
+
+    return [f"{k}: cache {short(getattr(old, k))!r}, now {short(getattr(new, k))!r}" for k in keys
+            if getattr(old, k) != getattr(new, k)]
 
 
 @torch.no_grad()

@@ -6,8 +6,12 @@
 - stats: :class:`LatentStats` (latent_mean / latent_scale, exact or reference estimator, DDP-aware)
 - schedule: two-time-scale schedule, warm-up, freezing, grad clipping, bf16 autocast
 - checkpoint: atomic ``save_checkpoint`` / ``load_checkpoint`` with RNG states and keep-last-N
-- data: :class:`TrainImages`, step-indexed random crops (scikit-image photos or an image folder)
-- distributed: torchrun initialisation (gloo on CPU, nccl on GPU) and small collectives
+- data: map-style datasets (:class:`ImageFolder`, :class:`ImageList`, :class:`SkimagePhotos`), the
+  reference's transforms; sampler: :class:`TrainLoader` (DataLoader + resumable DistributedSampler);
+  webdataset: :class:`~dmvae.training.webdataset.ShardLoader` for tar shards (extra ``shards``)
+- distributed: torchrun initialisation (gloo on CPU, nccl on GPU), :func:`wrap_ddp`,
+  :class:`GlobalBatchRandom`, small collectives
+- logger: :class:`MetricLogger` (metrics.jsonl, TensorBoard / wandb, tqdm, PNG previews), :class:`RunningMeans`
 
 LPIPS itself lives in :mod:`dmvae.lpips` (also used for evaluation).
 """
@@ -21,6 +25,7 @@ from dmvae.training.checkpoint import (
 )
 from dmvae.training.distributed import (
     DistInfo,
+    GlobalBatchRandom,
     all_reduce_gradients,
     all_reduce_mean,
     all_reduce_sum,
@@ -31,6 +36,8 @@ from dmvae.training.distributed import (
     init_distributed,
     is_distributed,
     is_main_process,
+    local_rows,
+    wrap_ddp,
 )
 from dmvae.training.ema import EMA
 from dmvae.training.gan import (
@@ -46,7 +53,18 @@ from dmvae.training.gan import (
     hinge_d_loss,
     non_saturating_d_loss,
 )
-from dmvae.training.data import TrainImages
+from dmvae.training.data import (
+    ImageFolder,
+    ImageList,
+    SkimagePhotos,
+    TrainImages,
+    build_dataset,
+    center_crop_transform,
+    to_model_input,
+    train_transform,
+)
+from dmvae.training.logger import MetricLogger, RunningMeans
+from dmvae.training.sampler import ResumableDistributedSampler, TrainLoader
 from dmvae.training.losses import ReconstructionLoss, ReconstructionLossBreakdown
 from dmvae.training.schedule import (
     LinearWarmup,
@@ -66,12 +84,20 @@ __all__ = [
     "DiscriminatorLossBreakdown",
     "DistInfo",
     "EMA",
+    "GlobalBatchRandom",
+    "ImageFolder",
+    "ImageList",
     "LatentStats",
     "LinearWarmup",
+    "MetricLogger",
     "NLayerDiscriminator",
     "ReconstructionLoss",
     "ReconstructionLossBreakdown",
+    "ResumableDistributedSampler",
+    "RunningMeans",
+    "SkimagePhotos",
     "TrainImages",
+    "TrainLoader",
     "TwoTimeScaleSchedule",
     "adaptive_generator_weight",
     "adopt_weight",
@@ -81,6 +107,8 @@ __all__ = [
     "autocast",
     "barrier",
     "bcr_loss",
+    "build_dataset",
+    "center_crop_transform",
     "cleanup_distributed",
     "clip_grad_norm",
     "discriminator_loss",
@@ -97,8 +125,12 @@ __all__ = [
     "linear_warmup",
     "list_checkpoints",
     "load_checkpoint",
+    "local_rows",
     "non_saturating_d_loss",
     "save_checkpoint",
     "set_trainable",
+    "to_model_input",
+    "train_transform",
     "unfreeze",
+    "wrap_ddp",
 ]
