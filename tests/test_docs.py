@@ -278,16 +278,23 @@ def _dmvae_subparsers() -> dict:
 
 
 def _check_dmvae(cmd: Command, parser, subs: dict) -> None:
+    """The sub-command exists, every option is a current spelling (not a hidden, deprecated
+    alias, not an abbreviation), and a complete command line parses."""
+    import argparse
+
     sub = next((a for a in cmd.args if not a.startswith("-")), None)
     if cmd.elided and (sub is None or sub == "..." or sub.isupper()):  # `dmvae --debug COMMAND ...`
         for opt in _OPTION.findall(" ".join(a for a in cmd.args if a != sub)):
             assert opt.split("=")[0] in parser._option_string_actions, f"{cmd.where}: `dmvae` has no option {opt}"
         return
     assert sub in subs, f"{cmd.where}: `dmvae {sub}` is not a command (known: {sorted(subs)})"
+    known = {**parser._option_string_actions, **subs[sub]._option_string_actions}
+    for opt in _OPTION.findall(" ".join(cmd.args)):
+        opt = opt.split("=")[0]
+        assert opt in known, f"{cmd.where}: `dmvae {sub}` has no option {opt}"
+        assert known[opt].help is not argparse.SUPPRESS, (
+            f"{cmd.where}: `dmvae {sub} {opt}` is a hidden (deprecated) spelling; use the one in --help")
     if cmd.elided:
-        known = set(subs[sub]._option_string_actions) | set(parser._option_string_actions)
-        for opt in _OPTION.findall(" ".join(cmd.args)):
-            assert opt.split("=")[0] in known, f"{cmd.where}: `dmvae {sub}` has no option {opt}"
         return
     err = io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
@@ -329,10 +336,12 @@ def test_command_check_catches_wrong_names() -> None:
     parser, subs = _dmvae_subparsers()
     with pytest.raises(AssertionError, match="no option --no-such-option"):
         _check_dmvae(Command("x.md:1", "dmvae", ("info", "--no-such-option"), True), parser, subs)
-    with pytest.raises(AssertionError, match="does not parse"):
+    with pytest.raises(AssertionError, match="no option --no-such-option"):
         _check_dmvae(Command("x.md:1", "dmvae", ("info", "dmvae-l", "--no-such-option"), False), parser, subs)
     with pytest.raises(AssertionError, match="is not a command"):
         _check_dmvae(Command("x.md:1", "dmvae", ("no-such-command",), True), parser, subs)
+    with pytest.raises(AssertionError, match="does not parse"):
+        _check_dmvae(Command("x.md:1", "dmvae", ("info",), False), parser, subs)  # SRC is required
 
 
 def test_index_links_every_page() -> None:
