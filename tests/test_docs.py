@@ -350,3 +350,18 @@ def test_index_links_every_page() -> None:
     pages = {p.name for p in (REPO / "docs").glob("*.md")} - {"index.md"}
     assert pages - linked == set(), f"docs/index.md does not link {sorted(pages - linked)}"
     assert linked - pages == set(), f"docs/index.md links missing pages {sorted(linked - pages)}"
+
+
+def test_command_check_refuses_hidden_spellings() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="dmvae")
+    sub = parser.add_subparsers().add_parser("run")
+    sub.add_argument("--model")
+    sub.add_argument("--preset", dest="model", help=argparse.SUPPRESS)  # a deprecated alias
+    subs = {"run": sub}
+    _check_dmvae(Command("x.md:1", "dmvae", ("run", "--model", "m"), False), parser, subs)
+    with pytest.raises(AssertionError, match="hidden"):
+        _check_dmvae(Command("x.md:1", "dmvae", ("run", "--preset", "m"), False), parser, subs)
+    with pytest.raises(AssertionError, match="no option --mod"):  # an abbreviation argparse would take
+        _check_dmvae(Command("x.md:1", "dmvae", ("run", "--mod", "m"), False), parser, subs)
