@@ -21,8 +21,8 @@ _EXPORTS: dict[str, str] = {
     # latent diffusion
     "LatentDiT": "dmvae.dit",
     "LatentDiTConfig": "dmvae.dit",
-    "create_model": "dmvae.dit",
-    "list_models": "dmvae.dit",
+    "create_model": "dmvae._registry",
+    "list_models": "dmvae._registry",
     "FlowMatching": "dmvae.transport",
     "FlowMatchingConfig": "dmvae.transport",
     "shift_time": "dmvae.transport",
@@ -73,7 +73,8 @@ if TYPE_CHECKING:  # pragma: no cover
         list_priors,
         register_prior,
     )
-    from dmvae.dit import LatentDiT, LatentDiTConfig, create_model, list_models
+    from dmvae._registry import create_model, list_models
+    from dmvae.dit import LatentDiT, LatentDiTConfig
     from dmvae.generate import balanced_labels, generate_npz
     from dmvae.hub import CheckpointError, HubMixin
     from dmvae.samplers import sample, time_grid

@@ -100,6 +100,8 @@ class ConfigMixin:
 
     #: ``"module:Class"`` of the model a config builds (model configs only).
     model_class: ClassVar[str] = ""
+    #: Fields that :meth:`load` requires in a file (no silent defaults for them).
+    required_in_file: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -162,6 +164,14 @@ class ConfigMixin:
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object of {cls.__name__} fields, got {type(data).__name__}")
         cls.check_class_name(data, str(path))
+        missing = [f for f in cls.required_in_file if f not in data]
+        if missing:
+            raise ValueError(
+                f"{path} does not state {', '.join(missing)}; loading it would silently use the "
+                f"defaults ({', '.join(f'{f}={getattr(cls, f, None)!r}' for f in missing)}). Add the "
+                "values the model was trained with to the file, or pass the config explicitly "
+                "(from_pretrained(..., config={**fields, " + ", ".join(f"{f!r}: ..." for f in missing) + "}))"
+            )
         try:
             return cls.from_dict(data)
         except (TypeError, ValueError) as e:
@@ -170,24 +180,20 @@ class ConfigMixin:
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> Self:
         """The named configuration (``dmvae._registry.MODELS``), with some fields changed."""
-        from dmvae._registry import MODELS, UnknownNameError, _load_model_modules
+        from dmvae._registry import MODELS, UnknownNameError
 
-        _load_model_modules()
         if name not in MODELS or not isinstance(config := MODELS.get(name)(), cls):
-            other = ""
+            what = f"unknown {cls.model_name()} preset {name!r}"
             if name in MODELS:
-                other = f"{name!r} is a {type(MODELS.get(name)()).model_name()} preset; "
-            raise UnknownNameError(
-                f"{other}unknown {cls.model_name()} preset {name!r}; known presets: {cls.preset_names()}"
-            )
+                what = f"{name!r} is a {type(MODELS.get(name)()).model_name()} preset, not a {cls.model_name()} one"
+            raise UnknownNameError(f"{what}; known {cls.model_name()} presets: {cls.preset_names()}")
         return config.replace(**overrides) if overrides else config
 
     @classmethod
     def preset_names(cls) -> list[str]:
         """Names :meth:`from_preset` accepts for this config class, sorted."""
-        from dmvae._registry import MODELS, _load_model_modules
+        from dmvae._registry import MODELS
 
-        _load_model_modules()
         return [n for n in MODELS.names() if isinstance(MODELS.get(n)(), cls)]
 
     def replace(self, **overrides: Any) -> Self:

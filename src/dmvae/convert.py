@@ -80,9 +80,10 @@ def select_state_dict(
     layout: ReferenceLayout, ckpt: Any, use_ema: bool | None, source: str
 ) -> dict[str, Tensor]:
     """The raw (``use_ema=False``) or EMA state dict of a reference checkpoint of ``layout``
-    (``use_ema=None``: the layout's default). A bare state dict is accepted as raw weights; asking
-    it for EMA weights is an error rather than a silent fallback. Keys starting with ``_`` (torch
-    metadata) are dropped."""
+    (``use_ema=None``: the layout's default). Keys starting with ``_`` (torch metadata) are
+    dropped. A bare state dict is taken as is unless EMA weights are asked for explicitly
+    (``use_ema=True``), which is an error rather than a silent fallback."""
+    explicit_ema = use_ema is True
     use_ema = layout.default_use_ema if use_ema is None else use_ema
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(
@@ -97,7 +98,7 @@ def select_state_dict(
             raise CheckpointError(f"{source}: {key!r} should be a state dict, got {type(sd).__name__}")
         return {str(k): v for k, v in sd.items() if not str(k).startswith("_")}
     if _is_bare_state_dict(ckpt):
-        if not use_ema:
+        if not explicit_ema:
             return {str(k): v for k, v in ckpt.items() if not str(k).startswith("_")}
         raise CheckpointError(
             f"{source} holds a bare state dict (no {layout.raw_key!r} / {layout.ema_key!r} entries), so "

@@ -19,6 +19,7 @@ Quickstart::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -29,7 +30,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dmvae._config import ConfigMixin
-from dmvae.hub import CheckpointError, HubMixin
+from dmvae._registry import MODELS
+from dmvae.convert import DIT, ReferenceLayout
+from dmvae.hub import HubMixin
 from dmvae.layers import (
     Attention,
     LabelEmbedder,
@@ -59,6 +62,8 @@ class LatentDiTConfig(ConfigMixin):
     The defaults are the reference constructor's (XL/2 over a 32x32x32 latent); the released DMVAE
     generator is ``LatentDiTConfig.from_preset("LightningDiT-XL/1")`` (input 16, 32 channels).
     """
+
+    model_class: ClassVar[str] = "dmvae.dit:LatentDiT"
 
     input_size: int = 32  # latent height = width (tokens per side = input_size / patch_size)
     patch_size: int = 2  # the "/N" of the preset names
@@ -116,12 +121,6 @@ class LatentDiTConfig(ConfigMixin):
         hidden = int(self.hidden_size * self.mlp_ratio)
         return int(2 / 3 * hidden) if self.use_swiglu else hidden
 
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> LatentDiTConfig:
-        """The config of a named preset (see :func:`list_models`) with fields overridden."""
-        if name not in _PRESETS:
-            raise ValueError(f"unknown LatentDiT preset {name!r}; known presets: {list_models()}")
-        return cls(**_PRESETS[name]).replace(**overrides)
 
 
 # (depth, hidden, heads) of the reference LightningDiT_models; "/N" is the patch size.
@@ -137,19 +136,20 @@ _SIZES = {
 _VARIANTS = {"Mini": (1,), "S": (1,), "B": (1, 2), "L": (1, 2), "XL": (1, 2), "1p0B": (1, 2),
              "1p6B": (1, 2)}
 # Presets default to the DMVAE release latent (16x16x32); the reference class default is 32x32.
-_PRESETS: dict[str, dict[str, Any]] = {
-    f"LightningDiT-{size}/{p}": dict(
-        depth=_SIZES[size][0], hidden_size=_SIZES[size][1], num_heads=_SIZES[size][2], patch_size=p,
-        input_size=16, in_channels=32,
-    )
-    for size, patches in _VARIANTS.items()
-    for p in patches
-}
+# They live in the one model registry (dmvae._registry.MODELS) next to the autoencoder presets.
+for _size, _patches in _VARIANTS.items():
+    for _p in _patches:
+        _depth, _hidden, _heads = _SIZES[_size]
+        MODELS.register(f"LightningDiT-{_size}/{_p}", functools.partial(
+            LatentDiTConfig, depth=_depth, hidden_size=_hidden, num_heads=_heads, patch_size=_p,
+            input_size=16, in_channels=32))
+_PRESETS = MODELS.entries
 
 
 def list_models() -> list[str]:
-    """Names accepted by :func:`create_model`."""
-    return list(_PRESETS)
+    """LatentDiT preset names accepted by :func:`create_model` (``dmvae.list_models()`` lists
+    every model family)."""
+    return LatentDiTConfig.preset_names()
 
 
 def create_model(name: str, **overrides: Any) -> LatentDiT:
@@ -222,7 +222,9 @@ class LatentDiT(nn.Module, HubMixin):
 
     config_class: ClassVar[type] = LatentDiTConfig
     _reference_filenames: ClassVar[tuple[str, ...]] = ("ep800.pt", "ep400.pt", "ep64.pt")
-    _default_use_ema: ClassVar[bool] = True
+    # EMA weights by default: the released generators are sampled with them (dmvae.convert)
+    _reference_layout: ClassVar[ReferenceLayout] = DIT
+    _default_use_ema: ClassVar[bool] = DIT.default_use_ema
     # the release checkpoints (ep*.pt on sen-ye/dmvae) ship without a config: XL/1, 16x16x32 latents
     _reference_default_config: ClassVar[str | None] = "LightningDiT-XL/1"
 
@@ -268,6 +270,35 @@ class LatentDiT(nn.Module, HubMixin):
 
     def disable_gradient_checkpointing(self) -> LatentDiT:
         return self.enable_gradient_checkpointing(False)
+
+    def compile(  # type: ignore[override]
+        self,
+        *,
+        regional: bool = True,
+        fullgraph: bool = True,
+        dynamic: bool | None = None,
+        mode: str | None = None,
+        backend: str = "inductor",
+    ) -> LatentDiT:
+        """``torch.compile`` in place (see ``docs/performance.md``); returns ``self``.
+
+        ``regional=True`` (default) compiles the repeated :class:`LatentDiTBlock` only: the
+        ``depth`` blocks share one graph, so compile time is that of one block, and every caller
+        (``forward``, ``forward_with_cfg``, the samplers, the DM loss) runs the compiled blocks.
+        The time reaches the blocks as the tensor ``c``: new timesteps never recompile.
+        ``regional=False`` compiles the whole ``model(...)`` call (input checks skipped under
+        compile); it fuses the embedders and the final layer too, and with
+        ``mode="reduce-overhead"`` and a fixed batch it runs as a CUDA graph.
+        ``fullgraph=True`` makes a graph break an error.
+        """
+        from dmvae._compile import compile_module, compile_repeated_blocks
+
+        kw: dict[str, Any] = dict(fullgraph=fullgraph, dynamic=dynamic, mode=mode, backend=backend)
+        if regional:
+            compile_repeated_blocks(self, LatentDiTBlock, **kw)
+        else:
+            compile_module(self, **kw)
+        return self
 
     # ---- init ----------------------------------------------------------------------------------
     def initialize_weights(self) -> None:
@@ -431,47 +462,6 @@ class LatentDiT(nn.Module, HubMixin):
         g_cond, g_uncond = apply_guidance(cond, uncond, cfg_scale, t_cond, cfg_interval=cfg_interval,
                                           guidance_channels=guidance_channels)
         return torch.cat([g_cond, g_uncond], dim=0)
-
-    # ---- hub -----------------------------------------------------------------------------------
-    @classmethod
-    def _select_reference_state_dict(
-        cls, ckpt: Any, use_ema: bool, source: str
-    ) -> dict[str, torch.Tensor]:
-        """``{"model": ..., "ema": ...}`` (the release ``ep*.pt``) -> the EMA or raw state dict; a
-        bare state dict is returned as is."""
-        if not isinstance(ckpt, Mapping):
-            raise CheckpointError(f"{source}: expected a dict, got {type(ckpt).__name__}")
-        if "ema" in ckpt or "model" in ckpt:
-            key = "ema" if use_ema else "model"
-            if key not in ckpt:
-                raise CheckpointError(
-                    f"{source} has no {key!r} weights (use_ema={use_ema}); top-level keys: "
-                    f"{sorted(map(str, ckpt))[:20]}"
-                )
-            sd = ckpt[key]
-        elif all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-            sd = ckpt
-        else:
-            raise CheckpointError(
-                f"{source}: expected a LightningDiT checkpoint with 'ema'/'model' entries or a bare "
-                f"state dict; top-level keys: {sorted(map(str, ckpt))[:20]}"
-            )
-        if not isinstance(sd, Mapping):
-            raise CheckpointError(f"{source}: entry is a {type(sd).__name__}, not a state dict")
-        return {k: v for k, v in sd.items() if not str(k).startswith("_")}
-
-    @classmethod
-    def _resolve_config(cls, config: Any) -> LatentDiTConfig:
-        if isinstance(config, LatentDiTConfig):
-            return config
-        if isinstance(config, Mapping):
-            return LatentDiTConfig.from_dict(dict(config))
-        if isinstance(config, str):
-            return LatentDiTConfig.from_preset(config)
-        raise TypeError(
-            f"config must be a LatentDiTConfig, a dict or a preset name ({list_models()}), "
-            f"got {type(config).__name__}"
-        )
 
     def extra_repr(self) -> str:
         c = self.config

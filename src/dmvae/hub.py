@@ -168,9 +168,10 @@ class HubMixin:
     # ---- hooks -----------------------------------------------------------------------------
     @classmethod
     def _select_reference_state_dict(
-        cls, ckpt: Any, use_ema: bool, source: str
+        cls, ckpt: Any, use_ema: bool | None, source: str
     ) -> dict[str, torch.Tensor]:
-        """Which state dict of a reference ``.pt`` to load (see :mod:`dmvae.convert`)."""
+        """Which state dict of a reference ``.pt`` to load (see :mod:`dmvae.convert`); ``use_ema``
+        None = the layout's default."""
         if cls._reference_layout is None:
             raise NotImplementedError(f"{cls.__name__} reads no reference checkpoints")
         from dmvae.convert import select_state_dict
@@ -237,7 +238,8 @@ class HubMixin:
     ) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             return read_safetensors(path)
-        use_ema = cls._default_use_ema if use_ema is None else use_ema
+        if use_ema is None and cls._reference_layout is None:  # layouts resolve None themselves
+            use_ema = cls._default_use_ema
         return cls._select_reference_state_dict(read_torch_checkpoint(path), use_ema, str(path))
 
     @classmethod
