@@ -176,6 +176,26 @@ def test_python_blocks_run_as_written(
     monkeypatch.chdir(tmp_path)
 
     namespace: dict = {"__name__": "__docs__"}
+    with _registries_restored():
+        _run_blocks(page, namespace)
+
+
+@contextlib.contextmanager
+def _registries_restored():
+    """Names a page registers (``@register_prior``...) do not outlive the page."""
+    from dmvae._registry import MODELS
+    from dmvae.priors.base import PRIORS
+
+    saved = [(reg, dict(reg.entries)) for reg in (MODELS, PRIORS)]
+    try:
+        yield
+    finally:
+        for reg, entries in saved:
+            reg.entries.clear()
+            reg.entries.update(entries)
+
+
+def _run_blocks(page: Path, namespace: dict) -> None:
     for block in _blocks(page, PY_LANGS):
         if block.skip is not None:
             continue
