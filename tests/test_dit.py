@@ -188,6 +188,40 @@ def test_null_label_allowed_only_with_null_row():
         no_null(x, t, torch.full((3,), 5))
 
 
+def test_unconditional_model_num_classes_zero(tmp_path):
+    model = tiny(num_classes=0)
+    assert model.y_embedder is None and model.null_class is None and model.num_classes == 0
+    assert not any(k.startswith("y_embedder") for k in model.state_dict())
+    x, t, _ = inputs(tiny())
+    out = model(x, t)  # no labels
+    assert out.shape == x.shape and torch.equal(out, model(x, t, None))
+    assert not torch.equal(out, model(x, t.flip(0)))  # t still conditions it
+    with pytest.raises(ValueError, match=r"unconditional \(num_classes=0\): pass y=None"):
+        model(x, t, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="null class"):
+        model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), None, 2.0)
+    model.save_pretrained(tmp_path / "u")
+    again = LatentDiT.from_pretrained(tmp_path / "u")
+    assert again.config.num_classes == 0 and torch.equal(again.eval()(x, t), out)
+    with pytest.raises(ValueError, match="num_classes must be an int >= 0"):
+        LatentDiTConfig(**{**TINY, "num_classes": -1})
+
+
+def test_conditional_model_requires_labels():
+    model = tiny()
+    x, t, _ = inputs(model)
+    with pytest.raises(ValueError, match=r"y is required.*5 classes, null class 5"):
+        model(x, t)
+
+
+def test_check_values_false_skips_only_value_checks():
+    model = tiny()
+    x, t, y = inputs(model)
+    torch.testing.assert_close(model(x, t, y, check_values=False), model(x, t, y), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="in_channels=4"):  # shapes are always checked
+        model(x[:, :3], t, y, check_values=False)
+
+
 def test_forward_with_cfg_scale_one_and_odd_batch():
     model = tiny()
     x, t, y = inputs(model, b=2)

@@ -145,7 +145,7 @@ def test_cfg_with_class_conditional_prior_and_dit():
 
 @pytest.mark.parametrize("objective", sorted(OBJECTIVES))
 def test_every_objective_runs_and_reaches_only_the_latents(objective):
-    real = MLPVelocity().requires_grad_(False)
+    real = MLPVelocity()  # both networks' parameters require grad: none may receive any
     fake = MLPVelocity()
     loss_fn = DistributionMatchingLoss(real, fake, objective=objective)
     z = torch.randn(16, 2, requires_grad=True)
@@ -153,6 +153,11 @@ def test_every_objective_runs_and_reaches_only_the_latents(objective):
     assert torch.isfinite(loss)
     loss.backward()
     assert z.grad is not None and torch.isfinite(z.grad).all()
+    if objective not in ("fake_fm_target", "real_fm_target"):  # these move z without the nets' Jacobian
+        assert z.grad.abs().sum() > 0
+    for name, net in (("real", real), ("fake", fake)):
+        leaked = [n for n, prm in net.named_parameters() if prm.grad is not None]
+        assert not leaked, f"{objective} sent gradient into the {name} score network: {leaked}"
     g = loss_fn.gradient(z.detach(), t=bd.t, noise=None if objective == "dm" else torch.zeros(16, 2))
     assert g.shape == z.shape
     assert fake.training  # the DM call evaluated in eval mode and restored the mode
@@ -182,6 +187,71 @@ def test_bad_arguments_raise():
     nonull = LatentDiT(nonull.config.replace(class_dropout_prob=0.0))
     with pytest.raises(ValueError, match="null class"):
         DistributionMatchingLoss(nonull, nonull, cfg_scale=2.0)(torch.randn(2, 4, 2, 2), torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("bad_t", [1.5, -0.5, float("nan")])
+def test_time_outside_unit_interval_is_refused(bad_t):
+    loss_fn = DistributionMatchingLoss(GaussianPrior((2,)), GaussianPrior((2,), mean=1.0))
+    z = torch.randn(4, 2)
+    for call in (loss_fn, loss_fn.gradient, loss_fn.fake_loss):
+        with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
+            call(z, t=bad_t)
+        with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
+            call(z, t=torch.tensor([0.5, bad_t, 0.2, 0.1]))
+    assert int(loss_fn.step) == 0  # a refused call does not advance the schedule
+    loss_fn(z, t=torch.tensor([0.0, 1.0, 0.5, 0.25]))  # the closed interval is fine
+
+
+def test_fake_loss_noise_shape_is_checked():
+    loss_fn = DistributionMatchingLoss(GaussianPrior((2,)), MLPVelocity())
+    with pytest.raises(ValueError, match=r"noise must have the shape of x1 \(4, 2\), got \(4, 3\)"):
+        loss_fn.fake_loss(torch.randn(4, 2), noise=torch.randn(4, 3))
+
+
+def _tiny_point_dit(num_classes: int):
+    """A one-token LatentDiT over (2, 1, 1): the fake score of 2-D points."""
+    from dmvae.dit import LatentDiT, LatentDiTConfig
+
+    return LatentDiT(LatentDiTConfig(input_size=1, patch_size=1, in_channels=2, hidden_size=32, depth=1,
+                                     num_heads=1, num_classes=num_classes, class_dropout_prob=0.1))
+
+
+@pytest.mark.parametrize("num_classes", [0, 1])
+def test_vector_latents_with_a_dit_fake_score(num_classes):
+    """(B, 2) latents against a (2,) prior and a LatentDiT over (2, 1, 1), conditional or not."""
+    fake = _tiny_point_dit(num_classes)
+    loss_fn = DistributionMatchingLoss(GaussianPrior((2,)), fake, cfg_scale=2.0 if num_classes else 1.0)
+    z = torch.randn(8, 2, requires_grad=True)
+    t, noise = torch.rand(8), torch.randn(8, 2)
+    loss, bd = loss_fn(z, t=t, noise=noise)
+    loss.backward()
+    assert z.grad.shape == (8, 2) and bd.pred_fake.shape == (8, 2)
+    with torch.no_grad():
+        y = None if num_classes == 0 else torch.full((8,), fake.null_class)
+        v = fake.eval()(bd.x_t.reshape(8, 2, 1, 1), t, y).reshape(8, 2)
+    assert torch.allclose(bd.pred_fake, bd.x_t + (1 - t[:, None]) * v, atol=1e-6)
+    fl, per = loss_fn.fake_loss(z, t=t, noise=noise)
+    fl.backward()
+    assert per.shape == (8,) and fake.final_layer.linear.weight.grad is not None
+
+
+class CountingModel(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.batches = inner, []
+        self.config = inner.config
+        self.null_class, self.num_classes = inner.null_class, inner.num_classes
+
+    def forward(self, x, t, y=None):
+        self.batches.append(x.shape[0])
+        return self.inner(x, t, y)
+
+
+def test_cfg_runs_one_batched_forward_per_network():
+    real, fake = CountingModel(_tiny_dit()), CountingModel(_tiny_dit())
+    loss_fn = DistributionMatchingLoss(real, fake, cfg_scale=3.0)
+    loss_fn(torch.randn(4, 4, 2, 2), torch.tensor([0, 1, 2, 0]))
+    assert real.batches == [8] and fake.batches == [8]  # conditional + null rows together
 
 
 def test_fake_loss_mode_and_per_sample():

@@ -135,11 +135,16 @@ def test_sshape_matches_reference_fixture_bitwise(fixtures_dir):
     d = load_file(fixtures_dir / "toy2d" / "toy2d.safetensors")
     prior = SShape2D(seed=42)
     s = prior.sample_numpy(4096)
-    assert np.array_equal(s, d["samples"].numpy())
-    rng = np.random.default_rng(42)  # the draw order of the reference
+    # The random draws are bitwise the reference's (same PCG64 stream, same order) ...
+    rng = np.random.default_rng(42)
     assert np.array_equal(rng.uniform(-1, 1, 4096), d["rng_uniform_t"].numpy())
+    assert np.array_equal(rng.normal(0.0, 0.06, 4096), d["rng_normal_radial"].numpy())
+    # ... and so are the samples up to the last bit of numpy's float64 sin/cos/arctan2, which
+    # depends on the CPU's SIMD path (the fixture machine's differs from an AVX2-only one by one
+    # ulp in ~1.5 % of the values): 1e-15 is ~5 ulp at |x| <= 1.
+    np.testing.assert_allclose(s, d["samples"].numpy(), rtol=0, atol=1e-15)
     torch_s = SShape2D(seed=42).sample(4096)
-    assert torch.equal(torch_s, d["samples_f32"])
+    assert torch.equal(torch_s, d["samples_f32"])  # the float32 copy is bitwise the reference's
     # statistics of a fresh draw agree with the fixture's
     other = SShape2D(seed=7).sample_numpy(20000)
     assert np.allclose(other.mean(0), d["samples"].numpy().mean(0), atol=0.03)
@@ -163,8 +168,17 @@ def test_registry_and_entry_points(monkeypatch):
         assert n in names
     g = create_prior("gaussian", shape=(4,), std=2.0)
     assert isinstance(g, GaussianPrior) and g.shape == (4,)
-    with pytest.raises(ValueError, match="known priors"):
+    with pytest.raises(ValueError, match=r"unknown prior 'nope'; known: \[.*'gaussian'"):
         create_prior("nope")
+    with pytest.raises(KeyError):  # the registry's UnknownNameError is both
+        create_prior("nope")
+    assert create_prior("GAUSSIAN", shape=(2,)).shape == (2,)  # names are case-insensitive
+    with pytest.raises(TypeError, match=r"create_prior expects a prior name \(str\).*int 123"):
+        create_prior(123)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"register_prior expects a name \(str\).*int 123"):
+        register_prior(123)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="expects a class or factory"):
+        register_prior("not_callable")(42)
 
     @register_prior("test_shifted")
     def shifted(shape=(2,), shift=1.0):
@@ -175,7 +189,7 @@ def test_registry_and_entry_points(monkeypatch):
         with pytest.raises(ValueError, match="already registered"):
             register_prior("test_shifted")(lambda: None)
     finally:
-        prior_base._REGISTRY.pop("test_shifted")
+        prior_base.PRIORS.unregister("test_shifted")
 
     # a third-party entry point is picked up lazily
     class FakeEP:
@@ -192,7 +206,7 @@ def test_registry_and_entry_points(monkeypatch):
         assert "plugin_gauss" in list_priors()
         assert create_prior("plugin_gauss", std=0.5).std[0] == 0.5
     finally:
-        prior_base._REGISTRY.pop("plugin_gauss", None)
+        prior_base.PRIORS.unregister("plugin_gauss")
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -205,6 +219,39 @@ def test_bad_inputs_raise_clear_errors():
         p.velocity(torch.randn(4, 2, 3), torch.rand(3))
     with pytest.raises(ValueError, match="std must be > 0"):
         GaussianPrior((2,), std=0.0)
+
+
+@pytest.mark.parametrize("bad_t", [2.0, -0.5, 1.5, float("nan")])
+def test_velocity_refuses_time_outside_unit_interval(bad_t):
+    x = torch.randn(3, 2)
+    for prior in (GaussianPrior((2,)), GaussianMixturePrior((2,), 3), SamplesPrior(torch.randn(8, 2))):
+        for fn in (prior.velocity, prior.predict_x, prior.score, prior):
+            with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
+                fn(x, bad_t)
+        with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
+            prior.velocity(x, torch.tensor([0.5, bad_t, 0.1]))
+    assert torch.isfinite(GaussianPrior((2,)).velocity(x, torch.tensor([0.0, 1.0, 0.5]))).all()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(mean=float("nan")), "mean must be finite"),
+    (dict(mean=float("inf")), "mean must be finite"),
+    (dict(std=float("inf")), "std must be finite"),
+    (dict(std=float("nan")), "std must be finite"),
+    (dict(mean=torch.tensor([0.0, float("nan")])), "mean holds NaN or inf"),
+])
+def test_gaussian_parameters_must_be_finite(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        create_prior("gaussian", shape=(2,), **kwargs)
+
+
+def test_gmm_parameters_must_be_finite():
+    with pytest.raises(ValueError, match="means holds NaN or inf"):
+        GaussianMixturePrior((2,), means=torch.tensor([[0.0, float("nan")]]))
+    with pytest.raises(ValueError, match="stds must be finite"):
+        GaussianMixturePrior((2,), 2, stds=float("inf"))
+    with pytest.raises(ValueError, match="weights"):
+        GaussianMixturePrior((2,), 2, weights=torch.tensor([float("nan"), 1.0]))
 
 
 def _tiny_dit(num_classes=1, dropout=0.1, hidden=32):
@@ -233,6 +280,67 @@ def test_fit_reference_model_and_learned_prior():
     assert not lp.model.training  # the teacher is always evaluated in eval mode
     with pytest.raises(ValueError, match="elements"):
         LearnedPrior(net, shape=(3,))
+
+
+class _CountingModel(torch.nn.Module):
+    """Records the batch size of every call of the wrapped model."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.batches = inner, []
+        self.config = inner.config
+        self.null_class, self.num_classes = inner.null_class, inner.num_classes
+
+    def forward(self, x, t, y=None, **kw):
+        self.batches.append(x.shape[0])
+        return self.inner(x, t, y, **kw)
+
+
+def test_learned_prior_guidance_is_one_batched_forward_and_sample_uses_the_sampler():
+    from dmvae.samplers import sample
+
+    net = _tiny_dit(num_classes=3)
+    with torch.no_grad():  # non-zero weights, so the labels matter
+        for i, prm in enumerate(net.parameters()):
+            prm.normal_(0, 0.2, generator=torch.Generator().manual_seed(i))
+    counted = _CountingModel(net.eval())
+    lp = LearnedPrior(counted, shape=(2,), cfg_scale=3.0, num_sampling_steps=5)
+    x, t, y = torch.randn(4, 2), torch.rand(4), torch.tensor([0, 1, 2, 0])
+    v = lp.velocity(x, t, y)
+    assert counted.batches == [8]  # conditional and null rows in ONE forward
+    xg = x.reshape(4, 2, 1, 1)
+    c, u = net(xg, t, y).reshape(4, 2), net(xg, t, torch.full((4,), 3)).reshape(4, 2)
+    assert torch.allclose(v, u + 3.0 * (c - u), atol=1e-5)
+    # sample() is samplers.sample: Euler, guided, one forward per step
+    counted.batches.clear()
+    g = torch.Generator().manual_seed(0)
+    s = lp.sample(4, labels=y, generator=g)
+    assert s.shape == (4, 2) and counted.batches == [8] * 5
+    noise = torch.randn((4, 2, 1, 1), generator=torch.Generator().manual_seed(0))
+    ref = sample(net, noise, y, num_steps=5, cfg_scale=3.0)
+    assert torch.allclose(s, ref.reshape(4, 2), atol=1e-6)
+
+
+def test_fit_reference_model_ema_is_returned():
+    from dmvae.transport import FlowMatching
+
+    data = GaussianPrior((2,), mean=1.0, std=0.2).sample(512, generator=torch.Generator().manual_seed(0))
+    raw = _tiny_dit()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        ema = fit_reference_model(raw, data, steps=30, batch_size=64, lr=1e-2, ema_decay=0.9,
+                                  generator=torch.Generator().manual_seed(1))
+    assert ema is not raw and not ema.training and not any(p.requires_grad for p in ema.parameters())
+    diff = max((a - b).abs().max().item() for a, b in zip(ema.parameters(), raw.parameters()))
+    assert diff > 0  # the average lags the trained weights
+    fm = FlowMatching()
+    x = data[:256].reshape(256, 2, 1, 1)
+    y = torch.full((256,), raw.null_class)
+    kw = dict(t=torch.rand(256, generator=torch.Generator().manual_seed(2)),
+              noise=torch.randn(256, 2, 1, 1, generator=torch.Generator().manual_seed(3)))
+    fresh = _tiny_dit().eval()
+    with torch.no_grad():
+        assert fm.loss(ema, x, y, **kw).loss < fm.loss(fresh, x, y, **kw).loss
 
 
 def test_feature_prior_with_tiny_timm_backbone_and_subset():

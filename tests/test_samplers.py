@@ -201,3 +201,100 @@ def test_progress_and_list_labels_do_not_change_result():
     a = sample(gaussian_velocity, z, [0, 0, 0], num_steps=3, method="heun", progress=True)
     b = sample(gaussian_velocity, z, torch.zeros(3, dtype=torch.long), num_steps=3, method="heun")
     assert torch.equal(a, b)
+
+
+# ---- memory, host syncs, unconditional models -----------------------------------------------------
+
+
+def test_sde_without_trajectory_holds_no_past_states():
+    """return_trajectory=False must not keep every SDE state alive (250 latent batches at the
+    release setting): while sampling, at most a couple of earlier states may still exist."""
+    import weakref
+
+    seen: list[weakref.ref] = []
+    alive_max = 0
+
+    def model(x, t, y):
+        nonlocal alive_max
+        alive_max = max(alive_max, sum(r() is not None for r in seen))
+        seen.append(weakref.ref(x))
+        return gaussian_velocity(x, t, y)
+
+    z = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(4, dtype=torch.long)
+    x = sample(model, z, y, num_steps=30, method="euler-maruyama", generator=torch.Generator().manual_seed(1))
+    assert alive_max <= 3, alive_max
+    seen.clear()
+    x2, traj = sample(model, z, y, num_steps=30, method="euler-maruyama", return_trajectory=True,
+                      generator=torch.Generator().manual_seed(1))
+    assert torch.equal(x, x2) and traj.shape == (31, 4, 1, 2, 2) and torch.equal(traj[-1], x2)
+
+
+class _NoHostSync:
+    """Makes every device->host read of a tensor raise while ``armed``."""
+
+    METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+    def __init__(self, monkeypatch):
+        self.armed = False
+        for name in self.METHODS:
+            original = getattr(torch.Tensor, name)
+
+            def guard(t, *a, _orig=original, _name=name, **k):
+                if self.armed:
+                    raise AssertionError(f"host sync inside the sampling loop: Tensor.{_name}")
+                return _orig(t, *a, **k)
+
+            monkeypatch.setattr(torch.Tensor, name, guard)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(method="euler"),
+    dict(method="heun", cfg_scale=3.0),
+    dict(method="euler", cfg_scale=3.0, cfg_interval=(0.3, 0.8)),
+    dict(method="euler-maruyama", cfg_scale=2.0),
+])
+def test_no_host_sync_inside_the_loop(ema, ref, monkeypatch, kwargs, max_abs):
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731  (the SDE noise)
+    expected = sample(ema, ref["noise"], ref["labels"], num_steps=5, generator=gen(), **kwargs)
+    guard = _NoHostSync(monkeypatch)
+    calls = []
+    forward = ema.forward
+
+    def spy(x, t, y=None, **kw):
+        assert isinstance(t, torch.Tensor) and t.shape == (x.shape[0],)  # t is a tensor, every step
+        calls.append(x.shape[0])
+        guard.armed = True  # from the first model call on, nothing may read a tensor on the host
+        return forward(x, t, y, **kw)
+
+    monkeypatch.setattr(ema, "forward", spy)
+    x = sample(ema, ref["noise"], ref["labels"], num_steps=5, generator=gen(), **kwargs)
+    guard.armed = False
+    assert max_abs(x, expected) <= 1e-5 and len(calls) >= 5
+
+
+def test_cfg_interval_runs_the_unconditional_half_only_inside(ema, ref):
+    counted = CountingModel(ema)
+    sample(counted, ref["noise"], ref["labels"], num_steps=4, cfg_scale=3.0, cfg_interval=(0.3, 0.8))
+    # grid 0, .25, .5, .75 (1 is never evaluated): guided (8 rows) only at .5 and .75
+    assert [b for b, _ in counted.batches] == [4, 4, 8, 8]
+
+
+def test_labels_none_unconditional_and_null_class():
+    from dmvae.dit import LatentDiT, LatentDiTConfig
+
+    cfg = LatentDiTConfig(input_size=2, patch_size=1, in_channels=4, hidden_size=32, depth=1,
+                          num_heads=2, num_classes=0)
+    uncond = LatentDiT(cfg).eval()
+    noise = torch.randn(3, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    x = sample(uncond, noise, num_steps=2)
+    assert x.shape == noise.shape and torch.isfinite(x).all()
+    with pytest.raises(ValueError, match="unconditional"):
+        sample(uncond, noise, torch.zeros(3, dtype=torch.long), num_steps=2)
+    cond = LatentDiT(cfg.replace(num_classes=5)).eval()
+    with torch.no_grad():
+        for i, prm in enumerate(cond.parameters()):
+            prm.normal_(0, 0.2, generator=torch.Generator().manual_seed(i))
+    a = sample(cond, noise, None, num_steps=2)  # None: the null class (unconditional branch)
+    b = sample(cond, noise, torch.full((3,), 5), num_steps=2)
+    assert torch.equal(a, b)

@@ -5,15 +5,20 @@ noisy latent: the frozen *real* score (the reference prior: a :class:`~dmvae.pri
 or a LatentDiT fitted on p_r) and the online *fake* score that tracks q(z). The encoder is pushed
 along the difference of their clean-sample predictions; no gradient goes through either network.
 
-Time convention (the library's and the reference code's; the paper's is reversed, s = 1 - t)::
+Time convention (the library's and the reference code's; the paper's is reversed, s = 1 - t), with
+the path and the clean-sample prediction of :mod:`dmvae.transport`::
 
-    x_t = t z + (1 - t) eps          t = 1: data, t = 0: noise
-    x_hat = x_t + (1 - t) v(x_t, t)  predicted clean latent of a velocity model
+    x_t = t z + (1 - t) eps          t = 1: data, t = 0: noise           (transport.interpolate)
+    x_hat = x_t + (1 - t) v(x_t, t)  predicted clean latent               (transport.data_from_velocity)
 
-The update direction, exactly as the reference computes it (paper Eq. 8 with DMD's weighting)::
+**Eq. 7** (:meth:`DistributionMatchingLoss.fake_loss`): the fake score learns q(z) by flow
+matching on detached latents, ``L_fm = E |v_fake(x_t, t) - (sg z - eps)|^2``.
 
-    v_r, v_f  = real(x_t, t, y), fake(x_t, t, y)             (no grad)
-    CFG on both (each with its own null label): v += (s - 1) (v - v(x_t, t, null))
+**Eq. 8** (:meth:`DistributionMatchingLoss.forward`), exactly as the reference computes it (DMD's
+per-sample weighting)::
+
+    v_r, v_f  = real(x_t, t, y), fake(x_t, t, y)             (no grad, both in eval mode)
+    CFG on both (each with its own null label): v = u + s (c - u)     (transport.guided_velocity)
     p_real, p_fake = z - x_hat_r, z - x_hat_f
     g = nan_to_num((p_real - p_fake) / mean_{C,H,W} |p_real|)  (per-sample DMD normaliser)   (E1)
     L_DM = 0.5 mean((z - sg(z - g))^2)  =>  dL_DM/dz = g / numel(z)                          (E2)
@@ -22,8 +27,15 @@ Since s_fake - s_real is proportional to x_hat_fake - x_hat_real (score = (t v -
 descending L_DM moves z towards the real prediction and away from the fake one, i.e. it lowers
 KL(q || p_r). ``normalize=False`` drops the divisor of (E1) (the reference's 2-D toy).
 
+**Eq. 9**: the encoder's total loss is ``L_recon + gamma L_fm + lambda L_DM``; this module gives
+the last two terms, the reconstruction loss is :mod:`dmvae.training.losses`.
+
 A paper-convention range [a, b] (t = 1 noise) is the library range [1 - b, 1 - a]; the paper's
 annealing "[0, 1] -> [0, 0.5]" (Table 2) is therefore ``TRangeAnneal(start=(0, 1), end=(0.5, 1))``.
+
+The other objectives of the paper's 2-D study (Fig. 3: real-score or fake-score maximisation,
+score-difference and loss-difference minimisation) live with that study in
+:mod:`dmvae.demo.objectives`; ``objective=`` selects them.
 """
 
 from __future__ import annotations
@@ -32,11 +44,21 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dmvae._utils import unwrap_model
+from dmvae.transport import (
+    FlowMatching,
+    check_time,
+    data_from_velocity,
+    guided_velocity,
+    interpolate,
+    resolve_labels,
+)
 
 __all__ = [
     "DistributionMatchingLoss",
@@ -44,29 +66,18 @@ __all__ = [
     "TRangeAnneal",
     "paper_to_library_t_range",
     "OBJECTIVES",
+    "surrogate_loss",
     "unwrap_model",
 ]
 
-# objective name -> (reference toy ``dmd_loss_type``, one-line formula). See docs/priors.md.
-OBJECTIVES: dict[str, tuple[str, str]] = {
-    "dm": ("dmd", "g = (x_hat_fake - x_hat_real) [/ mean|z - x_hat_real|]; L = 0.5 mse(z, sg(z - g))"),
-    "real_score": ("score_teacher", "g = -score_real; L = 0.5 mse(z, sg(z + score_real))  (ascend log p_real)"),
-    "fake_score": ("score_student", "g = -score_fake; L = 0.5 mse(z, sg(z + score_fake))  (ascend log p_fake)"),
-    "fake_score_repel": ("score_student_minus", "g = +score_fake; L = 0.5 mse(z, sg(z - score_fake))"),
-    "real_fm_input": ("loss_teacher1", "L = 0.5 mse(real(x_t), sg(z - eps))  (grad through x_t)"),
-    "real_fm_target": ("loss_teacher2", "L = 0.5 mse(z - eps, sg(real(sg x_t)))  (grad through the target)"),
-    "real_fm": ("loss_teacher3", "L = 0.5 mean((real(x_t) - (z - eps))^2)  (grad through both)"),
-    "fake_fm_input": ("loss_student1", "L = 0.5 mse(fake(x_t), sg(z - eps))"),
-    "fake_fm_target": ("loss_student2", "L = 0.5 mse(z - eps, sg(fake(sg x_t)))"),
-    "fake_fm": ("loss_student3", "L = 0.5 mean((fake(x_t) - (z - eps))^2)"),
-    "score_diff_fake": ("score_teacher_student1", "L = mean((sg real(sg x_t) - fake(x_t))^2)"),
-    "score_diff_real": ("score_teacher_student2", "L = mean((real(x_t) - sg fake(sg x_t))^2)"),
-    "score_diff": ("score_teacher_student3", "L = mean((real(x_t) - fake(x_t))^2)"),
-    "loss_diff": ("loss_teacher_student1", "L = 0.5 mse(real(x_t), z - eps) - 0.5 mse(fake(x_t), z - eps)"),
-}
-_ALIASES = {ref: ours for ours, (ref, _) in OBJECTIVES.items()}
-_EXPLICIT = {"dm", "real_score", "fake_score", "fake_score_repel"}  # g known without autograd
-_MIN_ONE_MINUS_T = 1e-4
+
+def __getattr__(name: str) -> Any:
+    # the research objectives are defined by the 2-D study; imported only when asked for
+    if name == "OBJECTIVES":
+        from dmvae.demo.objectives import OBJECTIVES
+
+        return OBJECTIVES
+    raise AttributeError(f"module 'dmvae.dm_loss' has no attribute {name!r}")
 
 
 def paper_to_library_t_range(paper_range: tuple[float, float]) -> tuple[float, float]:
@@ -116,34 +127,8 @@ class DMBreakdown(NamedTuple):
     pred_fake: torch.Tensor | None  # (B, *S) x_hat of the fake model (after CFG)
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """Strip DistributedDataParallel / DataParallel / torch.compile wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
-def _num_classes(model: Callable) -> int | None:
-    """The null (unconditional) label of a velocity model, or None for an unconditional one.
-
-    LatentDiT: ``config.num_classes`` (its ``null_class``; -1 marks a model built without a null
-    row, i.e. ``class_dropout_prob=0``). Priors: ``num_classes`` (label == num_classes = mixture).
-    """
-    m = unwrap_model(model) if isinstance(model, nn.Module) else model
-    cfg = getattr(m, "config", None)
-    if cfg is not None and hasattr(cfg, "num_classes"):
-        if hasattr(m, "null_class") and m.null_class is None:
-            return -1
-        return cfg.num_classes
-    return getattr(m, "num_classes", None)
-
-
 @contextlib.contextmanager
-def _eval_mode(*modules: object) -> Iterator[None]:
+def eval_mode(*modules: object) -> Iterator[None]:
     """Temporarily put modules in eval mode; restore every submodule's own flag afterwards."""
     saved = [(m, m.training) for mod in modules if isinstance(mod, nn.Module) for m in mod.modules()]
     try:
@@ -156,8 +141,11 @@ def _eval_mode(*modules: object) -> Iterator[None]:
             m.training = flag
 
 
-def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1, *([1] * (like.ndim - 1)))
+def surrogate_loss(z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """(E2): ``0.5 mean((z - sg(z - g))^2)``, whose gradient w.r.t. ``z`` is ``g / numel(z)``;
+    computed in float32 outside any autocast."""
+    with torch.autocast(z.device.type, enabled=False):
+        return 0.5 * F.mse_loss(z, (z - g).detach())
 
 
 class DistributionMatchingLoss(nn.Module):
@@ -169,14 +157,19 @@ class DistributionMatchingLoss(nn.Module):
         fake: the trainable fake score (a LatentDiT, possibly DDP-wrapped), initialised from the
             real one in the paper. Trained with :meth:`fake_loss`.
         cfg_scale: classifier-free guidance applied to BOTH models inside the loss (paper B.3 uses
-            5; 1 = off). The null label is ``num_classes`` of each model.
+            5; 1 = off). The null label is each model's own (:func:`dmvae.transport.null_label`).
         t_range: (t0, t1), library convention (t = 1 data): t = t0 + (t1 - t0) u, u ~ U[0, 1].
         t_schedule: optional callable ``step -> (t0, t1)`` overriding ``t_range`` (e.g.
             :class:`TRangeAnneal`). The step is the ``step=`` argument or the internal counter
             ``self.step`` (a buffer, so ``state_dict()`` resumes it), advanced by each forward.
         normalize: divide by the per-sample mean |z - x_hat_real| (E1). ``False`` = the toy variant.
         objective: ``"dm"`` (default) or one of the research variants of the paper's 2-D study,
-            see :data:`OBJECTIVES` (reference toy names are accepted as aliases).
+            see :data:`dmvae.demo.objectives.OBJECTIVES` (reference toy names are aliases).
+
+    Latents may have any per-sample shape the networks accept, or a vector shape (B, D) when a
+    network takes (B, C, H, W) with C H W = D (:func:`dmvae.transport.call_model` reshapes).
+    Unconditional networks (a prior without classes, a LatentDiT with ``num_classes=0``) get no
+    labels; conditional ones get ``labels``, or their null label when ``labels`` is None.
 
     The module holds no parameters of its own: ``real`` and ``fake`` are referenced, not
     registered, so ``loss.parameters()`` is empty and ``loss.state_dict()`` holds only ``step``.
@@ -198,14 +191,15 @@ class DistributionMatchingLoss(nn.Module):
         super().__init__()
         if not callable(real) or not callable(fake):
             raise TypeError("real and fake must be velocity models callable as model(x_t, t, labels)")
-        if cfg_scale < 1.0 or not math.isfinite(cfg_scale):
+        if not math.isfinite(cfg_scale) or cfg_scale < 1.0:
             raise ValueError(f"cfg_scale must be a finite number >= 1 (1 = no guidance), got {cfg_scale}")
         t0, t1 = (float(x) for x in t_range)
         if not (0.0 <= t0 <= t1 <= 1.0):
             raise ValueError(f"t_range must satisfy 0 <= t0 <= t1 <= 1 (t = 1 is data), got {t_range}")
-        name = _ALIASES.get(objective, objective)
-        if name not in OBJECTIVES:
-            raise ValueError(f"unknown objective {objective!r}; choose one of {sorted(OBJECTIVES)}")
+        if objective not in ("dm", "dmd"):
+            from dmvae.demo.objectives import resolve_objective
+
+            objective = resolve_objective(objective)
         # referenced, not registered: the loss must not own (or move, or save) the score networks
         object.__setattr__(self, "_real", real)
         object.__setattr__(self, "_fake", fake)
@@ -213,16 +207,21 @@ class DistributionMatchingLoss(nn.Module):
         self.t_range = (t0, t1)
         self.t_schedule = t_schedule
         self.normalize = bool(normalize)
-        self.objective = name
+        self.objective = "dm" if objective == "dmd" else objective
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
     @property
-    def real(self):
+    def real(self) -> nn.Module | Callable:
         return self._real
 
     @property
-    def fake(self):
+    def fake(self) -> nn.Module | Callable:
+        """The fake network as given (possibly DDP-wrapped: :meth:`fake_loss` trains through it)."""
         return self._fake
+
+    def networks(self) -> tuple[nn.Module | Callable, nn.Module | Callable]:
+        """(real, fake) as evaluated by the DM term: wrappers stripped (no DDP hooks, no sync)."""
+        return self._real, unwrap_model(self._fake)
 
     def extra_repr(self) -> str:
         return (
@@ -230,7 +229,7 @@ class DistributionMatchingLoss(nn.Module):
             f" t_schedule={self.t_schedule!r}, normalize={self.normalize}"
         )
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ shared pieces
     def current_t_range(self, step: int | None = None) -> tuple[float, float]:
         if self.t_schedule is None:
             return self.t_range
@@ -239,41 +238,19 @@ class DistributionMatchingLoss(nn.Module):
             raise ValueError(f"t_schedule returned {(t0, t1)}; need 0 <= t0 <= t1 <= 1")
         return (float(t0), float(t1))
 
-    def _labels(self, model, labels: torch.Tensor | None, b: int, device) -> torch.Tensor | None:
-        nc = _num_classes(model)
-        if nc is None:
-            return None  # unconditional model / prior: labels are ignored
-        if labels is None:
-            if nc == -1:
-                m = unwrap_model(model)
-                if m.config.num_classes == 1:
-                    return torch.zeros((b,), dtype=torch.long, device=device)
-                raise ValueError(
-                    f"{type(m).__name__} has no null class (class_dropout_prob=0); pass labels"
-                )
-            return torch.full((b,), nc, dtype=torch.long, device=device)
-        return labels
+    def velocity(self, model: nn.Module | Callable, x_t: torch.Tensor, t: torch.Tensor,
+                 labels: torch.Tensor | None) -> torch.Tensor:
+        """``model``'s velocity at (x_t, t) as float32, guided by ``cfg_scale`` (one batched call
+        of conditional and null rows), with the model's own labels convention."""
+        y = resolve_labels(model, labels, x_t.shape[0], x_t.device)
+        return guided_velocity(model, x_t, t, y, self.cfg_scale)
 
-    def _velocity(self, model, x_t, t, labels) -> torch.Tensor:
-        """Velocity with CFG (``v + (s-1)(v - v_null)``) as float32, one batched call."""
-        b = x_t.shape[0]
-        y = self._labels(model, labels, b, x_t.device)
-        nc = _num_classes(model)
-        if self.cfg_scale == 1.0 or y is None:
-            return model(x_t, t, y).float()
-        if nc == -1:
-            raise ValueError(
-                f"cfg_scale={self.cfg_scale} needs an unconditional branch, but "
-                f"{type(unwrap_model(model)).__name__} was built without a null class"
-            )
-        null = torch.full_like(y, nc)
-        v_both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null])).float()
-        v_c, v_u = v_both[:b], v_both[b:]
-        return v_c + (self.cfg_scale - 1.0) * (v_c - v_u)
-
-    def _draw(self, z, t, noise, generator, step):
+    def draw(self, z: torch.Tensor, t: torch.Tensor | float | None, noise: torch.Tensor | None,
+             generator: torch.Generator | None, step: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t (B,), noise (B, *S)) float32: the given ones, checked, or fresh draws in the
+        reference's order (noise first, then t ~ U[t0, t1])."""
         b = z.shape[0]
-        if noise is None:  # reference order: noise first, then t
+        if noise is None:
             noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=torch.float32)
         elif noise.shape != z.shape:
             raise ValueError(f"noise must have the latents' shape {tuple(z.shape)}, got {tuple(noise.shape)}")
@@ -287,6 +264,7 @@ class DistributionMatchingLoss(nn.Module):
                 t = t.expand(b)
             if t.shape != (b,):
                 raise ValueError(f"t must be a scalar or of shape ({b},), got {tuple(t.shape)}")
+            check_time(t)
         return t.float(), noise.float()
 
     @staticmethod
@@ -297,9 +275,12 @@ class DistributionMatchingLoss(nn.Module):
                 f"{getattr(latents, 'dtype', type(latents).__name__)} {tuple(getattr(latents, 'shape', ()))}"
             )
         if labels is not None and (labels.shape != (latents.shape[0],) or labels.is_floating_point()):
-            raise ValueError(f"labels must be an integer tensor of shape ({latents.shape[0]},), got {labels.dtype} {tuple(labels.shape)}")
+            raise ValueError(
+                f"labels must be an integer tensor of shape ({latents.shape[0]},), got "
+                f"{labels.dtype} {tuple(labels.shape)}"
+            )
 
-    # ------------------------------------------------------------------ DM loss
+    # ------------------------------------------------------------------ Eq. 8: the DM update
     def forward(
         self,
         latents: torch.Tensor,
@@ -315,106 +296,41 @@ class DistributionMatchingLoss(nn.Module):
         Args:
             latents: (B, *S) normalised latents z (require grad to train the encoder).
             labels: (B,) int labels, or None (the null label is used for conditional models).
-            t, noise: inject the time (B,) / noise (B, *S) instead of drawing them.
+            t, noise: inject the time (B,) in [0, 1] / noise (B, *S) instead of drawing them.
             step: step for ``t_schedule`` (default: the internal counter, advanced here).
             generator: torch.Generator for the noise and t draws.
         Returns: (loss, DMBreakdown). Backprop ``weight * loss`` into the encoder.
         """
         self._check_latents(latents, labels)
-        t, noise = self._draw(latents, t, noise, generator, step)
+        t, noise = self.draw(latents, t, noise, generator, step)
         if step is None:
             self.step += 1
-        if self.objective in _EXPLICIT:
-            out = self._explicit(latents, labels, t, noise)
-        else:
-            out = self._autograd_objective(latents, labels, t, noise)
-        return out[0], out[1]
+        if self.objective != "dm":
+            from dmvae.demo.objectives import research_objective
 
-    def _explicit(self, latents, labels, t, noise):
+            return research_objective(self, latents, labels, t, noise)
+        return self._dm(latents, labels, t, noise)
+
+    def _dm(self, latents: torch.Tensor, labels: torch.Tensor | None, t: torch.Tensor,
+            noise: torch.Tensor) -> tuple[torch.Tensor, DMBreakdown]:
         z = latents.float()
         zd = z.detach()
-        tb = _bcast(t, zd)
-        x_t = tb * zd + (1 - tb) * noise  # (B, *S)
-        real, fake = self.real, unwrap_model(self.fake) if isinstance(self.fake, nn.Module) else self.fake
-        device_type = zd.device.type
-        with torch.no_grad(), _eval_mode(real, fake):
-            need_real = self.objective in ("dm", "real_score")
-            need_fake = self.objective != "real_score"
-            v_r = self._velocity(real, x_t, t, labels) if need_real else None
-            v_f = self._velocity(fake, x_t, t, labels) if need_fake else None
-        with torch.no_grad(), torch.autocast(device_type, enabled=False):
-            pred_r = x_t + (1 - tb) * v_r if v_r is not None else None
-            pred_f = x_t + (1 - tb) * v_f if v_f is not None else None
-            w = None
-            if self.objective == "dm":
-                p_real = zd - pred_r
-                p_fake = zd - pred_f
-                g = p_real - p_fake
-                if self.normalize:
-                    w = p_real.abs().mean(dim=tuple(range(1, zd.ndim)), keepdim=True)  # (B, 1, ..)
-                    g = g / w
-                g = torch.nan_to_num(g)  # (E1)
-            else:
-                v = v_r if self.objective == "real_score" else v_f
-                score = (tb * v - x_t) / (1 - tb).clamp_min(_MIN_ONE_MINUS_T)
-                g = torch.nan_to_num(score if self.objective == "fake_score_repel" else -score)
-        with torch.autocast(device_type, enabled=False):
-            loss = 0.5 * F.mse_loss(z, (z - g).detach())  # (E2)
-        bd = DMBreakdown(
-            loss=loss.detach(),
-            grad=g,
-            grad_norm=g.flatten(1).norm(dim=1).mean(),
-            weight_factor=w,
-            t=t,
-            x_t=x_t,
-            pred_real=pred_r,
-            pred_fake=pred_f,
-        )
-        return loss, bd
-
-    def _autograd_objective(self, latents, labels, t, noise):
-        name = self.objective
-        z = latents.float()
-        tb = _bcast(t, z)
-        x_t = tb * z + (1 - tb) * noise  # depends on z
-        u = z - noise  # flow-matching target, depends on z
-        real = self.real
-        fake = unwrap_model(self.fake) if isinstance(self.fake, nn.Module) else self.fake
-        device_type = z.device.type
-
-        def call(model, x):
-            y = self._labels(model, labels, z.shape[0], z.device)
-            return model(x, t, y).float()
-
-        with _eval_mode(real, fake):
-            if name in ("real_fm_input", "fake_fm_input"):
-                net = real if name.startswith("real") else fake
-                loss = 0.5 * F.mse_loss(call(net, x_t), u.detach())
-            elif name in ("real_fm_target", "fake_fm_target"):
-                net = real if name.startswith("real") else fake
-                with torch.no_grad():
-                    v = call(net, x_t.detach())
-                loss = 0.5 * F.mse_loss(u, v)
-            elif name in ("real_fm", "fake_fm"):
-                net = real if name.startswith("real") else fake
-                loss = 0.5 * (call(net, x_t) - u).square().mean()
-            elif name == "score_diff_fake":
-                with torch.no_grad():
-                    v_r = call(real, x_t.detach())
-                loss = (v_r - call(fake, x_t)).square().mean()
-            elif name == "score_diff_real":
-                with torch.no_grad():
-                    v_f = call(fake, x_t.detach())
-                loss = (call(real, x_t) - v_f).square().mean()
-            elif name == "score_diff":
-                loss = (call(real, x_t) - call(fake, x_t)).square().mean()
-            elif name == "loss_diff":
-                loss = 0.5 * F.mse_loss(call(real, x_t), u) - 0.5 * F.mse_loss(call(fake, x_t), u)
-            else:  # pragma: no cover - guarded in __init__
-                raise AssertionError(name)
-        with torch.autocast(device_type, enabled=False):
-            loss = loss.float()
-        bd = DMBreakdown(loss.detach(), None, None, None, t, x_t.detach(), None, None)
+        x_t = interpolate(zd, noise, t)  # (B, *S)
+        real, fake = self.networks()
+        with torch.no_grad(), eval_mode(real, fake):
+            v_r = self.velocity(real, x_t, t, labels)
+            v_f = self.velocity(fake, x_t, t, labels)
+        with torch.no_grad(), torch.autocast(zd.device.type, enabled=False):
+            pred_r = data_from_velocity(x_t, v_r, t)
+            pred_f = data_from_velocity(x_t, v_f, t)
+            p_real, p_fake = zd - pred_r, zd - pred_f
+            g, w = p_real - p_fake, None
+            if self.normalize:
+                w = p_real.abs().mean(dim=tuple(range(1, zd.ndim)), keepdim=True)  # (B, 1, ..)
+                g = g / w
+            g = torch.nan_to_num(g)  # (E1)
+        loss = surrogate_loss(z, g)  # (E2)
+        bd = DMBreakdown(loss.detach(), g, g.flatten(1).norm(dim=1).mean(), w, t, x_t, pred_r, pred_f)
         return loss, bd
 
     def gradient(
@@ -433,15 +349,16 @@ class DistributionMatchingLoss(nn.Module):
         """
         self._check_latents(latents, labels)
         st = int(self.step) if step is None else step
-        if self.objective in _EXPLICIT:
-            t_, noise_ = self._draw(latents, t, noise, generator, st)
-            return self._explicit(latents.detach(), labels, t_, noise_)[1].grad
-        z = latents.detach().float().requires_grad_(True)
+        z = latents.detach().float()
+        if self.objective == "dm":
+            t_, noise_ = self.draw(z, t, noise, generator, st)
+            return self._dm(z, labels, t_, noise_)[1].grad
+        z.requires_grad_(True)
         loss, _ = self.forward(z, labels, t=t, noise=noise, step=st, generator=generator)
         (gz,) = torch.autograd.grad(loss, z)
         return gz * z.numel()
 
-    # ------------------------------------------------------------------ fake score training
+    # ------------------------------------------------------------------ Eq. 7: the fake score
     def fake_loss(
         self,
         latents: torch.Tensor,
@@ -453,28 +370,22 @@ class DistributionMatchingLoss(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Flow-matching loss training ``fake`` on detached latents (paper Eq. 7).
 
-        ``x_t = t sg(z) + (1 - t) eps`` with t ~ U[0, 1] (the full range, no shift, as the
-        reference), target ``sg(z) - eps``, per-sample mean over the non-batch dims. The fake
-        model is called through its wrapper (so DDP synchronises its gradients) in whatever mode
-        it is in: in train mode LatentDiT drops labels (its unconditional branch learns, needed by
-        CFG); in eval mode the loss is deterministic. This method never changes the mode.
+        :class:`~dmvae.transport.FlowMatching` on ``sg(z)``: ``x_t = t sg(z) + (1 - t) eps`` with
+        t ~ U[0, 1] (the full range, no shift, as the reference), target ``sg(z) - eps``,
+        per-sample mean over the non-batch dims. The fake model is called through its wrapper (so
+        DDP synchronises its gradients) in whatever mode it is in: in train mode LatentDiT drops
+        labels (its unconditional branch learns, needed by CFG); in eval mode the loss is
+        deterministic. This method never changes the mode.
 
         Returns: (mean loss, per-sample loss (B,)).
         """
         self._check_latents(latents, labels)
         z = latents.detach().float()
-        b = z.shape[0]
-        if noise is None:
-            noise = torch.randn(z.shape, generator=generator, device=z.device)
-        if t is None:
-            t = torch.rand(b, generator=generator, device=z.device)
-        t = torch.as_tensor(t, dtype=torch.float32, device=z.device)
-        if t.ndim == 0:
-            t = t.expand(b)
-        tb = _bcast(t, z)
-        x_t = tb * z + (1 - tb) * noise.float()
-        target = z - noise.float()
-        y = self._labels(self.fake, labels, b, z.device)
-        pred = self.fake(x_t, t, y)
-        per_sample = (pred.float() - target).square().mean(dim=tuple(range(1, z.ndim)))  # (B,)
-        return per_sample.mean(), per_sample
+        y = resolve_labels(self.fake, labels, z.shape[0], z.device)
+
+        def fake(x: torch.Tensor, tt: torch.Tensor, yy: torch.Tensor | None) -> torch.Tensor:
+            return guided_velocity(self.fake, x, tt, yy)  # cfg 1: one plain forward, float32
+
+        out = FlowMatching().loss(fake, z, y, t=t, noise=None if noise is None else noise.float(),
+                                  generator=generator)
+        return out.loss, out.per_sample

@@ -25,6 +25,8 @@ __all__ = ["GaussianPrior", "GaussianMixturePrior"]
 
 def _as_param(value: float | torch.Tensor, shape: tuple[int, ...], name: str) -> torch.Tensor:
     v = torch.as_tensor(value, dtype=torch.float32)
+    if not torch.isfinite(v).all():
+        raise ValueError(f"{name} must be finite, got {value!r}" if v.numel() == 1 else f"{name} holds NaN or inf")
     try:
         return torch.broadcast_to(v, shape).clone()
     except RuntimeError:
@@ -114,12 +116,12 @@ class GaussianMixturePrior(ReferencePrior):
         stds_t = torch.as_tensor(stds, dtype=torch.float32)
         if stds_t.ndim == 1 and stds_t.shape[0] == k and len(shape) > 0:
             stds_t = stds_t.reshape(k, *([1] * len(shape)))
-        self.register_buffer("means", means.clone())
+        self.register_buffer("means", _as_param(means, (k, *shape), "means"))
         self.register_buffer("stds", _as_param(stds_t, (k, *shape), "stds"))
         if (self.stds <= 0).any():
             raise ValueError("stds must be > 0")
         w = torch.full((k,), 1.0 / k) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
-        if w.shape != (k,) or (w < 0).any() or float(w.sum()) <= 0:
+        if w.shape != (k,) or not torch.isfinite(w).all() or (w < 0).any() or float(w.sum()) <= 0:
             raise ValueError(f"weights must be {k} non-negative numbers with a positive sum, got {w}")
         self.register_buffer("log_weights", (w / w.sum()).log())
 

@@ -32,7 +32,11 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
+from dmvae._registry import Registry
+from dmvae.transport import check_time, data_from_velocity, score_from_velocity, velocity_from_data
+
 __all__ = [
+    "PRIORS",
     "ReferencePrior",
     "register_prior",
     "create_prior",
@@ -92,9 +96,7 @@ class ReferencePrior(nn.Module, abc.ABC):
                 f"{type(self).__name__} must implement velocity() or predict_x()"
             )
         x_t, t = self._check_xt(x_t, t)
-        x_hat = self.predict_x(x_t, t, labels)
-        one_minus_t = _expand(1 - t, x_t).clamp_min(_MIN_ONE_MINUS_T)
-        return (x_hat - x_t) / one_minus_t
+        return velocity_from_data(x_t, self.predict_x(x_t, t, labels), t, eps=_MIN_ONE_MINUS_T)
 
     def predict_x(
         self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None
@@ -105,16 +107,14 @@ class ReferencePrior(nn.Module, abc.ABC):
                 f"{type(self).__name__} must implement velocity() or predict_x()"
             )
         x_t, t = self._check_xt(x_t, t)
-        return x_t + _expand(1 - t, x_t) * self.velocity(x_t, t, labels)
+        return data_from_velocity(x_t, self.velocity(x_t, t, labels), t)
 
     def score(
         self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``grad log p_t(x_t) = (t v - x_t) / (1 - t)``; singular at t = 1 (clamped)."""
         x_t, t = self._check_xt(x_t, t)
-        v = self.velocity(x_t, t, labels)
-        tt = _expand(t, x_t)
-        return (tt * v - x_t) / (1 - tt).clamp_min(_MIN_ONE_MINUS_T)
+        return score_from_velocity(x_t, self.velocity(x_t, t, labels), t, eps=_MIN_ONE_MINUS_T)
 
     def forward(
         self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None
@@ -144,7 +144,7 @@ class ReferencePrior(nn.Module, abc.ABC):
             t = t.expand(x_t.shape[0])
         if t.shape != (x_t.shape[0],):
             raise ValueError(f"t must be a scalar or of shape ({x_t.shape[0]},), got {tuple(t.shape)}")
-        return x_t, t
+        return x_t, check_time(t)
 
     def _check_labels(self, labels: torch.Tensor | None, n: int) -> torch.Tensor | None:
         if labels is None:
@@ -169,7 +169,9 @@ def _expand(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------- registry
 P = TypeVar("P", bound=Callable[..., ReferencePrior])
-_REGISTRY: dict[str, Callable[..., ReferencePrior]] = {}
+#: name (lower case) -> prior class or factory; built-ins, ``register_prior`` and entry points.
+PRIORS: Registry[Callable[..., ReferencePrior]] = Registry("prior", case_sensitive=False)
+_REGISTRY = PRIORS.entries  # the same dict (older code and tests read it)
 _ENTRY_POINTS_LOADED = False
 
 
@@ -177,24 +179,27 @@ def register_prior(name: str | Callable[..., ReferencePrior] | None = None, *, o
     """Register a prior class or factory under ``name`` (decorator or plain call).
 
     ``@register_prior("gmm")`` / ``@register_prior`` (uses the lower-cased class name) /
-    ``register_prior("mine", MyPrior)``-style via ``register_prior("mine")(MyPrior)``.
-    Re-registering an existing name raises unless ``override=True``.
+    ``register_prior("mine")(MyPrior)``. Names are case-insensitive. Re-registering an existing
+    name raises unless ``override=True``.
     """
+    if name is not None and not isinstance(name, str):
+        if callable(name):  # bare @register_prior
+            return register_prior(None, override=override)(name)
+        raise TypeError(
+            "register_prior expects a name (str) or a ReferencePrior class / factory to decorate, "
+            f"got {type(name).__name__} {name!r}"
+        )
 
-    def deco(obj: P, _name: str | None = None) -> P:
-        key = (_name or getattr(obj, "__name__", None) or "").lower()
+    def deco(obj: P) -> P:
+        if not callable(obj):
+            raise TypeError(f"register_prior expects a class or factory, got {type(obj).__name__} {obj!r}")
+        key = name if name is not None else getattr(obj, "__name__", None)
         if not key:
             raise ValueError("register_prior needs a name for objects without __name__")
-        if not callable(obj):
-            raise TypeError(f"register_prior expects a class or factory, got {type(obj).__name__}")
-        if key in _REGISTRY and _REGISTRY[key] is not obj and not override:
-            raise ValueError(f"prior {key!r} is already registered ({_REGISTRY[key]!r}); pass override=True")
-        _REGISTRY[key] = obj
+        PRIORS.register(key, obj, override=override)
         return obj
 
-    if callable(name) and not isinstance(name, str):
-        return deco(name)
-    return lambda obj: deco(obj, name)
+    return deco
 
 
 def _load_entry_points() -> None:
@@ -205,10 +210,9 @@ def _load_entry_points() -> None:
     from importlib.metadata import entry_points
 
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        key = ep.name.lower()
-        if key in _REGISTRY:
+        if ep.name in PRIORS:
             continue  # built-ins and explicit registrations win
-        _REGISTRY[key] = _LazyEntryPoint(ep)
+        PRIORS.register(ep.name, _LazyEntryPoint(ep))
 
 
 class _LazyEntryPoint:
@@ -240,16 +244,18 @@ class _LazyEntryPoint:
 def list_priors() -> list[str]:
     """Names accepted by :func:`create_prior` (built-ins plus installed plugins), sorted."""
     _load_entry_points()
-    return sorted(_REGISTRY)
+    return PRIORS.names()
 
 
 def create_prior(name: str, **kwargs: Any) -> ReferencePrior:
-    """Build a registered prior: ``create_prior("gaussian", shape=(32, 16, 16))``."""
+    """Build a registered prior: ``create_prior("gaussian", shape=(32, 16, 16))``.
+
+    An unknown name raises ``KeyError``/``ValueError`` (:class:`dmvae._registry.UnknownNameError`)
+    listing the known ones; a name that is not a string raises ``TypeError``."""
+    if not isinstance(name, str):
+        raise TypeError(f"create_prior expects a prior name (str), e.g. 'gaussian'; got {type(name).__name__} {name!r}")
     _load_entry_points()
-    key = name.lower()
-    if key not in _REGISTRY:
-        raise ValueError(f"unknown prior {name!r}; known priors: {', '.join(list_priors())}")
-    prior = _REGISTRY[key](**kwargs)
+    prior = PRIORS.get(name)(**kwargs)
     if not isinstance(prior, ReferencePrior):
         raise TypeError(f"prior factory {name!r} returned {type(prior).__name__}, expected a ReferencePrior")
     return prior

@@ -2,15 +2,16 @@
 
 This is how the paper realises every data-derived prior (App. B.2, "reference modelling"): the
 teacher of the DM loss is a LightningDiT trained by flow matching on samples z ~ p_r, then frozen.
-:func:`fit_reference_model` is that training loop (uniform t, velocity MSE, AdamW (0.9, 0.95),
-gradient clipping 1.0, as the reference); :class:`LearnedPrior` wraps the trained model as a
-:class:`~dmvae.priors.ReferencePrior` (velocity = the network, optional CFG, Euler-ODE sampling).
+:func:`fit_reference_model` is that training loop (:class:`~dmvae.transport.FlowMatching`: uniform
+t, velocity MSE; AdamW (0.9, 0.95), gradient clipping 1.0, as the reference; optionally an
+:class:`~dmvae.training.ema.EMA`); :class:`LearnedPrior` wraps the trained model as a
+:class:`~dmvae.priors.ReferencePrior` (velocity = the network with optional CFG through
+:func:`dmvae.transport.guided_velocity`, sampling with :func:`dmvae.samplers.sample`).
 Time convention: t = 1 data, t = 0 noise; ``x_t = t x + (1 - t) eps``, target ``x - eps``.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -19,27 +20,9 @@ import torch
 from torch import nn
 
 from dmvae.priors.base import ReferencePrior, register_prior
+from dmvae.transport import FlowMatching, guided_velocity, null_label, resolve_labels, sample_shape
 
 __all__ = ["LearnedPrior", "fit_reference_model"]
-
-
-def _model_shape(model: nn.Module) -> tuple[int, ...] | None:
-    cfg = getattr(model, "config", None)
-    if cfg is not None and all(hasattr(cfg, a) for a in ("in_channels", "input_size")):
-        return (cfg.in_channels, cfg.input_size, cfg.input_size)
-    return None
-
-
-def _null(model: nn.Module) -> int | None:
-    """Label used when none is given: the null class, or 0 for a 1-class model without one."""
-    cfg = getattr(model, "config", None)
-    if cfg is not None and hasattr(cfg, "num_classes"):
-        if hasattr(model, "null_class") and model.null_class is None:
-            if cfg.num_classes == 1:
-                return 0
-            raise ValueError("the model has no null class (class_dropout_prob=0): pass labels")
-        return cfg.num_classes
-    return getattr(model, "num_classes", None)
 
 
 @register_prior("learned")
@@ -52,8 +35,8 @@ class LearnedPrior(ReferencePrior):
         shape: shape of one latent as the prior exposes it; defaults to the model's
             ``(in_channels, input_size, input_size)``. A different shape with the same number of
             elements is reshaped on the way in and out (e.g. ``(2,)`` points for a (2, 1, 1) DiT).
-        cfg_scale: guidance applied inside :meth:`velocity` (``v + (s-1)(v - v_null)``). Leave at
-            1 when the DM loss applies its own ``cfg_scale``.
+        cfg_scale: guidance applied inside :meth:`velocity` and :meth:`sample` (``u + s (c - u)``).
+            Leave at 1 when the DM loss applies its own ``cfg_scale``.
         num_sampling_steps: Euler steps of :meth:`sample` (ODE from t = 0 noise to t = 1).
     """
 
@@ -65,19 +48,18 @@ class LearnedPrior(ReferencePrior):
         cfg_scale: float = 1.0,
         num_sampling_steps: int = 50,
     ) -> None:
-        model_shape = _model_shape(model)
+        model_shape = sample_shape(model)
         shape = tuple(shape) if shape is not None else model_shape
         if shape is None:
             raise ValueError("shape is required for a model without config.in_channels / config.input_size")
         if model_shape is not None and math.prod(shape) != math.prod(model_shape):
             raise ValueError(f"shape {shape} has {math.prod(shape)} elements; the model takes {model_shape}")
-        cfg = getattr(model, "config", None)
-        nc = getattr(cfg, "num_classes", getattr(model, "num_classes", None))
+        nc = getattr(model, "num_classes", None) or None  # a LatentDiT with num_classes=0 has none
         super().__init__(shape, num_classes=nc)
-        self._default_label = _null(model) if nc is not None else None
-        self._has_null = nc is not None and getattr(model, "null_class", nc) is not None
-        if cfg_scale < 1:
-            raise ValueError(f"cfg_scale must be >= 1, got {cfg_scale}")
+        if not (math.isfinite(cfg_scale) and cfg_scale >= 1):
+            raise ValueError(f"cfg_scale must be a finite number >= 1, got {cfg_scale}")
+        if cfg_scale != 1.0 and nc is not None and null_label(model) is None:
+            raise ValueError("cfg_scale > 1 needs a model with a null class (class_dropout_prob > 0)")
         self.model = model.requires_grad_(False).eval()
         self.model_shape = model_shape or shape
         self.cfg_scale = float(cfg_scale)
@@ -88,39 +70,27 @@ class LearnedPrior(ReferencePrior):
         self.model.eval()
         return self
 
-    def _labels(self, labels: torch.Tensor | None, b: int, device) -> torch.Tensor | None:
-        if self.num_classes is None:
-            return None
-        if labels is None:
-            return torch.full((b,), self._default_label, dtype=torch.long, device=device)
-        return self._check_labels(labels, b).to(device)
-
     def velocity(self, x_t, t, labels=None) -> torch.Tensor:
         x_t, t = self._check_xt(x_t, t)
         b = x_t.shape[0]
-        y = self._labels(labels, b, x_t.device)
+        labels = self._check_labels(labels, b)
+        y = resolve_labels(self.model, labels.to(x_t.device) if labels is not None else None, b, x_t.device)
         x = x_t.reshape(b, *self.model_shape)
-        if self.cfg_scale != 1.0 and not self._has_null:
-            raise ValueError("cfg_scale > 1 needs a model with a null class (class_dropout_prob > 0)")
-        if self.cfg_scale == 1.0 or y is None:
-            v = self.model(x, t, y)
-        else:
-            null = torch.full_like(y, self.num_classes)
-            vv = self.model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
-            v = vv[:b] + (self.cfg_scale - 1) * (vv[:b] - vv[b:])
-        return v.reshape(x_t.shape)
+        return guided_velocity(self.model, x, t, y, self.cfg_scale).reshape(x_t.shape)
 
     @torch.no_grad()
     def sample(self, n, *, labels=None, generator=None, device=None) -> torch.Tensor:
+        """``num_sampling_steps`` Euler steps of :func:`dmvae.samplers.sample` from fresh noise,
+        guided by ``cfg_scale``; (n, *shape)."""
+        from dmvae.samplers import sample
+
         dev = torch.device(device) if device is not None else next(self.model.parameters()).device
         gdev = generator.device if generator is not None else dev
-        x = torch.randn((n, *self.shape), generator=generator, device=gdev).to(dev)
-        labels = labels.to(dev) if labels is not None else None
-        steps = self.num_sampling_steps
-        for i in range(steps):  # Euler on dx/dt = v from t = 0 (noise) to t = 1 (data)
-            t = torch.full((n,), i / steps, device=dev)
-            x = x + self.velocity(x, t, labels) / steps
-        return x
+        noise = torch.randn((n, *self.model_shape), generator=generator, device=gdev).to(dev)
+        labels = self._check_labels(labels, n)
+        x = sample(self.model, noise, labels.to(dev) if labels is not None else None,
+                   num_steps=self.num_sampling_steps, method="euler", cfg_scale=self.cfg_scale)
+        return x.reshape(n, *self.shape)
 
 
 def _batches(data: Any, batch_size: int, generator: torch.Generator | None) -> Iterable:
@@ -199,10 +169,11 @@ def fit_reference_model(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if lr_schedule not in ("constant", "cosine"):
         raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+    from dmvae.training.ema import EMA
+
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(dev).train().requires_grad_(True)
-    model_shape = _model_shape(model)
-    nc = _null(model)
+    model_shape = sample_shape(model) or (tuple(shape) if shape is not None else None)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
 
     def lr_at(step: int) -> float:
@@ -214,7 +185,8 @@ def fit_reference_model(
         return 1.0
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    ema = copy.deepcopy(model).requires_grad_(False) if ema_decay is not None else None
+    ema = EMA(model, decay=ema_decay) if ema_decay is not None else None
+    fm = FlowMatching()  # uniform t, no shift: the reference's teacher training
     rng = range(steps)
     if progress is True:
         from tqdm.auto import tqdm
@@ -226,21 +198,10 @@ def fit_reference_model(
     for step in rng:
         x, y = next(stream)
         x = x.to(dev).float()
-        b = x.shape[0]
         if model_shape is not None:
-            x = x.reshape(b, *model_shape)
-        elif shape is not None:
-            x = x.reshape(b, *shape)
-        if y is None and nc is not None:
-            y = torch.full((b,), nc, dtype=torch.long, device=dev)
-        elif y is not None:
-            y = y.to(dev).long()
-        gdev = generator.device if generator is not None else dev
-        noise = torch.randn(x.shape, generator=generator, device=gdev).to(dev)
-        t = torch.rand(b, generator=generator, device=gdev).to(dev)
-        tb = t.reshape(-1, *([1] * (x.ndim - 1)))
-        x_t = tb * x + (1 - tb) * noise
-        loss = (model(x_t, t, y).float() - (x - noise)).square().mean()
+            x = x.reshape(x.shape[0], *model_shape)
+        y = resolve_labels(model, y.to(dev).long() if y is not None else None, x.shape[0], dev)
+        loss = fm.loss(model, x, y, generator=generator).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip is not None:
@@ -248,10 +209,8 @@ def fit_reference_model(
         opt.step()
         sched.step()
         if ema is not None:
-            with torch.no_grad():
-                for pe, pm in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(pm, 1 - ema_decay)
+            ema.update()
         if callback is not None:
             callback(step, float(loss))
-    out = ema if ema is not None else model
+    out = ema.module if ema is not None else model
     return out.eval().requires_grad_(False)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from dmvae.priors.base import ReferencePrior, _expand, register_prior
+from dmvae.priors.base import ReferencePrior, register_prior
 
 __all__ = ["SamplesPrior", "empirical_velocity"]
 
@@ -171,7 +171,3 @@ class SamplesPrior(ReferencePrior):
             x_t, t, self.samples, bandwidth=self.bandwidth, bank_mask=mask, chunk_size=self.chunk_size
         )
         return v.to(x_t.dtype)
-
-    def predict_x(self, x_t, t, labels=None) -> torch.Tensor:
-        x_t, t = self._check_xt(x_t, t)
-        return x_t + _expand(1 - t, x_t) * self.velocity(x_t, t, labels)

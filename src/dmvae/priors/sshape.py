@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dmvae.priors.base import ReferencePrior, _expand, register_prior
+from dmvae.priors.base import ReferencePrior, register_prior
 from dmvae.priors.samples import empirical_velocity
 
 __all__ = ["SShape2D", "sshape_numpy"]
@@ -118,7 +118,3 @@ class SShape2D(ReferencePrior):
         x_t, t = self._check_xt(x_t, t)
         self._check_labels(labels, x_t.shape[0])
         return empirical_velocity(x_t, t, self.bank, bandwidth=self.bandwidth).to(x_t.dtype)
-
-    def predict_x(self, x_t, t, labels=None) -> torch.Tensor:
-        x_t, t = self._check_xt(x_t, t)
-        return x_t + _expand(1 - t, x_t) * self.velocity(x_t, t, labels)

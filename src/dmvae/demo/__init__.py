@@ -1,0 +1,45 @@
+"""The paper's 2-D study (Sec. 3.2, Fig. 3) behind ``dmvae demo``: free points aligned with an
+S-shape by the DM loss, the objectives the paper compares, and the pictures.
+
+* :mod:`dmvae.demo.toy2d` -- the study: :class:`Toy2DConfig`, :func:`run_toy2d`, the metrics;
+* :mod:`dmvae.demo.objectives` -- the research objectives and the paper's finding for each;
+* :mod:`dmvae.demo.figure` -- ``demo.png`` (four panels) and ``compare.png`` (one per objective).
+
+This is an example built on the library (``dmvae.priors``, ``dmvae.dm_loss``,
+``dmvae.metrics.distribution``), not a part the library depends on.
+"""
+
+from dmvae.demo.figure import save_compare_figure, save_figure
+from dmvae.demo.objectives import COMPARE_OBJECTIVES, FINDINGS, OBJECTIVES
+from dmvae.demo.toy2d import (
+    Toy2DConfig,
+    Toy2DResult,
+    Toy2DRun,
+    align_points,
+    energy_floor,
+    evaluate_points,
+    initial_points,
+    make_score_net,
+    run_toy2d,
+    train_real_score,
+    update_field,
+)
+
+__all__ = [
+    "COMPARE_OBJECTIVES",
+    "FINDINGS",
+    "OBJECTIVES",
+    "Toy2DConfig",
+    "Toy2DResult",
+    "Toy2DRun",
+    "align_points",
+    "energy_floor",
+    "evaluate_points",
+    "initial_points",
+    "make_score_net",
+    "run_toy2d",
+    "save_compare_figure",
+    "save_figure",
+    "train_real_score",
+    "update_field",
+]
