@@ -385,3 +385,38 @@ def test_command_check_refuses_hidden_spellings() -> None:
         _check_dmvae(Command("x.md:1", "dmvae", ("run", "--preset", "m"), False), parser, subs)
     with pytest.raises(AssertionError, match="no option --mod"):  # an abbreviation argparse would take
         _check_dmvae(Command("x.md:1", "dmvae", ("run", "--mod", "m"), False), parser, subs)
+
+
+def _resolve(dotted: str):
+    """``dmvae.<dotted>`` as a module or a module attribute (ImportError/AttributeError if absent)."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"dmvae.{dotted}")
+    except ModuleNotFoundError:
+        module, _, attr = dotted.rpartition(".")
+        return getattr(importlib.import_module(f"dmvae.{module}"), attr)
+
+
+def test_architecture_page_names_exist() -> None:
+    """Every module and name the architecture page points to exists (so the page follows moves)."""
+    text = (REPO / "docs" / "architecture.md").read_text(encoding="utf-8")
+    modules_table = text.split("## Modules", 1)[1].split("\n## ", 1)[0]
+    shared_table = text.split("## Shared pieces", 1)[1].split("\n## ", 1)[0]
+    checked = 0
+    for row in re.findall(r"^\| (`[^|]+) \|", modules_table, flags=re.M):
+        for name in re.findall(r"`([\w.]+)/?`", row):
+            _resolve(name)
+            checked += 1
+    for home in re.findall(r"^\|[^|]+\| (`[^|]+) \|$", shared_table, flags=re.M):
+        module, _, names = home.partition(":")
+        base = module.strip().strip("`")
+        target = _resolve(base)
+        checked += 1
+        for name in re.findall(r"`([\w.]+)`", names):
+            if "." in name:
+                _resolve(name)
+            else:
+                assert hasattr(target, name), f"architecture.md: dmvae.{base} has no {name}"
+            checked += 1
+    assert checked >= 40, f"only {checked} names found in docs/architecture.md: did its tables change form?"
