@@ -54,7 +54,7 @@ from dmvae.metrics.fid import (
 )
 from dmvae.metrics.image import psnr, ssim
 from dmvae.metrics.precision_recall import precision_recall
-from dmvae.npz import iter_npz_images, load_npz_images, npz_image_shape, save_npz_images
+from dmvae.npz import NpzKeyError, iter_npz_images, load_npz_images, npz_image_shape, save_npz_images
 from dmvae.training.stats import LatentChannelStats, LatentStats
 
 __all__ = [
@@ -386,7 +386,7 @@ def evaluate_generation(
     ref_stats = load_reference_stats(reference) if has_stats else None  # validated shapes
     has_images = "arr_0" in ref_keys
     if ref_stats is None and not has_images:
-        raise KeyError(
+        raise NpzKeyError(
             f"{reference}: expected 'mu'/'sigma' statistics and/or 'arr_0' images (ADM layout), "
             f"found keys {sorted(ref_keys)}"
         )

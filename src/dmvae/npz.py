@@ -33,6 +33,8 @@ import torch
 from dmvae._io import atomic_write, atomic_write_bytes, atomic_write_text
 
 __all__ = [
+    "IncompleteShardsError",
+    "NpzKeyError",
     "ShardedNpzWriter",
     "check_nhwc_uint8",
     "iter_npz_images",
@@ -42,6 +44,18 @@ __all__ = [
 ]
 
 SHARD_FORMAT = "dmvae-npz-shards/2"
+
+
+class NpzKeyError(KeyError, ValueError):
+    """An ``.npz`` lacks the array a reader needs (a ``KeyError`` for dict-like callers, a
+    ``ValueError`` for bad-input handlers); the message lists the keys found."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class IncompleteShardsError(RuntimeError):
+    """Shards of other ranks are missing when rank 0 merges; re-running completes them."""
 
 
 def check_nhwc_uint8(shape: tuple[int, ...], dtype: np.dtype, what: str) -> None:
@@ -114,7 +128,7 @@ def _open_npz_member(path: Path, key: str) -> Iterator[tuple[Any, tuple[int, ...
     with zf:
         names = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
         if key not in names:
-            raise KeyError(f"{path}: expected images under key {key!r} (ADM layout), found keys {sorted(names)}")
+            raise NpzKeyError(f"{path}: expected images under key {key!r} (ADM layout), found keys {sorted(names)}")
         with zf.open(f"{key}.npy") as f:
             try:
                 version = np.lib.format.read_magic(f)
@@ -300,7 +314,7 @@ class ShardedNpzWriter:
         """Stream all shards into ``out_path`` (atomically) and, unless ``keep_shards``, delete them."""
         missing = [b for b in range(self.num_batches) if not self.is_done(b)]
         if missing:
-            raise RuntimeError(
+            raise IncompleteShardsError(
                 f"{len(missing)} of {self.num_batches} shards are missing in {self.shard_dir} (first: "
                 f"{missing[:5]}); other ranks have not finished. Re-run them (completed shards are skipped)."
             )

@@ -32,6 +32,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that describe a problem with the user's input or environment and are shown as
+    one line: bad values (``ValueError``, which the library raises for every invalid input),
+    files (``OSError``: missing, existing, read-only, disk full; the message names the path),
+    unfinished shards, CUDA out of memory. ``TypeError`` / ``KeyError`` / other ``RuntimeError``
+    from our code are bugs and keep their traceback."""
+    import torch
+
+    from dmvae.npz import IncompleteShardsError
+
+    return (ValueError, OSError, IncompleteShardsError, torch.OutOfMemoryError)
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe (``dmvae info --json | head``): send further output nowhere, so the
+    interpreter's final flush does not raise again."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # pragma: no cover - stdout without a descriptor
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -39,15 +64,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, TypeError, KeyError, RuntimeError) as e:
-        if getattr(args, "debug", False):
-            raise
-        print(f"dmvae {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe fails here, inside the handler, not at exit
+        return code
+    except BrokenPipeError:
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, what a shell tool killed by the pipe returns
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except _user_errors() as e:
+        if getattr(args, "debug", False):
+            raise
+        print(f"dmvae {args.command}: error: {_message(e)}", file=sys.stderr)
+        return 1
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.strerror}: {e.filename}"
+    text = str(e)
+    return text if text else type(e).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,30 +1,211 @@
-"""Helpers shared by the CLI sub-commands."""
+"""The shared vocabulary of the ``dmvae`` sub-commands and their one-line user errors.
+
+One spelling per concept, used by every command:
+
+=====================  ===========================================================================
+option                 meaning
+=====================  ===========================================================================
+``--model``            the autoencoder: our directory, a file, a Hub repo id (``add_model_args``)
+``--config``           a preset name or a ``config.json`` for weights without one
+``--ema / --no-ema``   EMA or raw weights of a reference checkpoint (default: the file's default)
+``--dit``              the LatentDiT (``add_dit_args``), with ``--dit-config``, ``--dit-ema/--no-dit-ema``
+``-o / --out``         the output file or directory
+``--overwrite``        replace existing outputs (otherwise refused before any work)
+``--quiet``            hide progress bars
+``--device``           ``cpu``, ``cuda``, ``cuda:1`` ... (default: cuda if available)
+``--batch-size``       items per model call
+``--seed``             base random seed
+``--json``             print the result as JSON on stdout
+=====================  ===========================================================================
+
+Old spellings (``--preset``, ``--use-ema``, ``--vae``, ``--vae-preset``, ``--vae-ema``,
+``--dit-raw``, ``--no-progress``, ``--npz``) are accepted for one release as hidden aliases that
+print a deprecation note (:func:`add_alias`). Numbers are parsed by :func:`int_range` /
+:func:`float_range`, which refuse NaN, infinities and values out of range at parse time.
+Outputs are checked (:func:`check_output_file`, :func:`check_output_files`) before the work, and
+:func:`writing` turns an ``OSError`` during a write into one that names the path.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import math
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+__all__ = [
+    "HelpFormatter",
+    "add_alias",
+    "add_dit_args",
+    "add_model_args",
+    "add_output_args",
+    "add_parser",
+    "batched",
+    "check_output_file",
+    "check_output_files",
+    "collect_images",
+    "config_arg",
+    "default_device",
+    "default_num_workers",
+    "float_range",
+    "int_range",
+    "load_autoencoder",
+    "load_dit",
+    "writing",
+]
+
+
+# ################################################################################################
+# parsers, help and aliases
+# ################################################################################################
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's line breaks and appends ``(default: X)`` to every option whose
+    default is meaningful (not None / False / suppressed) and whose help does not mention one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default is None
+            or default is False
+            or default is argparse.SUPPRESS
+            or not action.option_strings
+        ):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f"{text} (default: {shown})"
+
+
+def add_parser(subparsers: Any, name: str, *, help: str, description: str) -> argparse.ArgumentParser:
+    """A sub-command parser with the shared help formatter."""
+    return subparsers.add_parser(name, help=help, description=description, formatter_class=HelpFormatter)
+
+
+def add_alias(parser: argparse.ArgumentParser, old: str, new: str, **kwargs: Any) -> None:
+    """Accept ``old`` as a hidden, deprecated spelling of ``new`` (same ``dest``), for one release.
+
+    Hidden from ``--help``; using it prints ``note: OLD is deprecated, use NEW`` on stderr.
+    ``kwargs`` are those of ``add_argument`` (``dest``, ``action``, ``const``, ``type``...).
+    """
+    base = parser._registry_get("action", kwargs.pop("action", "store"), None)
+
+    class _Deprecated(base):  # type: ignore[misc, valid-type]
+        def __call__(self, p: Any, namespace: Any, values: Any, option_string: Any = None) -> None:
+            print(f"note: {old} is deprecated and will be removed; use {new}", file=sys.stderr)
+            super().__call__(p, namespace, values, option_string)
+
+    parser.add_argument(old, action=_Deprecated, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
+
+
+def int_range(low: int | None = None, high: int | None = None) -> Callable[[str], int]:
+    """argparse type: an int in ``[low, high]``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be in [{_fmt(low)}, {_fmt(high)}], got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+def float_range(
+    low: float | None = None, high: float | None = None, *, low_open: bool = False, high_open: bool = False
+) -> Callable[[str], float]:
+    """argparse type: a finite float in the interval (``low_open`` / ``high_open`` exclude the ends)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+            raise argparse.ArgumentTypeError(f"must be in {lo}{_fmt(low)}, {_fmt(high)}{hi}, got {value:g}")
+        return value
+
+    parse.__name__ = "float"
+    return parse
+
+
+def _fmt(v: float | None) -> str:
+    return "inf" if v is None else f"{v:g}"
 
 
 def add_model_args(parser: argparse.ArgumentParser, *, default: str | None = "sen-ye/dmvae") -> None:
+    """``--model``, ``--config``, ``--ema/--no-ema``, ``--device`` (the autoencoder)."""
     parser.add_argument(
         "--model",
         default=default,
         required=default is None,
-        help="autoencoder: our directory, a .safetensors/.pt file or a Hugging Face repo id "
-        f"(default: {default})",
+        help="autoencoder: our directory, a .safetensors / reference .pt file or a Hugging Face repo id",
     )
     parser.add_argument(
-        "--preset",
+        "--config",
         default=None,
-        help="config preset for weights without a config.json (reference .pt files), e.g. dmvae-l",
+        help="preset name (dmvae-l, ...) or config.json for weights without a config (reference .pt files)",
     )
     parser.add_argument(
-        "--ema", action="store_true", help="load the EMA weights of a reference checkpoint"
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="EMA (--ema) or raw (--no-ema) weights of a reference checkpoint (default: the raw "
+        "weights for a reference vae.pt, as the release is evaluated)",
     )
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    add_alias(parser, "--preset", "--config", dest="config")
+    add_alias(parser, "--use-ema", "--ema", dest="ema", action="store_const", const=True)
+    add_device_arg(parser)
+
+
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    if not any("--device" in a.option_strings for a in parser._actions):
+        parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+
+
+def add_dit_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """``--dit``, ``--dit-config``, ``--dit-ema/--no-dit-ema``, ``--dit-filename`` (the LatentDiT)."""
+    parser.add_argument("--dit", required=required, default=None,
+                        help="LatentDiT: our directory, .safetensors, reference ep*.pt, or a Hugging Face repo id")
+    parser.add_argument("--dit-config", default=None,
+                        help="preset name or config.json for DiT weights without a config; default: the stored "
+                        "config.json (LightningDiT-XL/1 for a reference ep*.pt)")
+    parser.add_argument("--dit-ema", action=argparse.BooleanOptionalAction, default=True,
+                        help="EMA (--dit-ema) or raw (--no-dit-ema) weights of a reference DiT checkpoint")
+    parser.add_argument("--dit-filename", default=None, help="file inside a DiT directory / repo, e.g. ep800.pt")
+    add_alias(parser, "--dit-raw", "--no-dit-ema", dest="dit_ema", action="store_const", const=False)
+
+
+def add_output_args(parser: argparse.ArgumentParser, *, what: str, required: bool = True) -> None:
+    """``-o/--out``, ``--overwrite``, ``--quiet``."""
+    parser.add_argument("-o", "--out", required=required, default=None, help=what)
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (refused otherwise)")
+    add_quiet_arg(parser)
+
+
+def add_quiet_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true", help="hide progress bars")
+    add_alias(parser, "--no-progress", "--quiet", dest="quiet", action="store_const", const=True)
+
+
+# ################################################################################################
+# loading
+# ################################################################################################
 
 
 def default_device(name: str | None) -> str:
@@ -35,24 +216,57 @@ def default_device(name: str | None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def default_num_workers(limit: int = 4) -> int:
+    """Data-loading worker processes that fit this machine: ``min(limit, usable CPUs - 1)``."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    return max(0, min(limit, cpus - 1))
+
+
+def config_arg(value: str | None) -> Any:
+    """A preset name, or the parsed contents of a ``config.json`` path."""
+    if value is not None and value.endswith(".json"):
+        from dmvae._io import read_json
+
+        return read_json(value, "config file")
+    return value
+
+
 def load_autoencoder(args: argparse.Namespace):
+    """``DMVAE.from_pretrained`` from ``--model``, ``--config``, ``--ema``, ``--device``."""
     from dmvae.autoencoder import DMVAE
 
     return DMVAE.from_pretrained(
-        args.model, config=args.preset, use_ema=args.ema, device=default_device(args.device)
+        args.model, config=config_arg(args.config), use_ema=args.ema, device=default_device(args.device)
     )
 
 
-def collect_images(inputs: list[str]) -> list[Path]:
-    """Expand files and directories (recursively) into a sorted list of image files."""
+def load_dit(args: argparse.Namespace, device: str):
+    """``LatentDiT.from_pretrained`` from ``--dit``, ``--dit-config``, ``--dit-ema``, ``--dit-filename``."""
+    from dmvae.dit import LatentDiT
+
+    return LatentDiT.from_pretrained(
+        args.dit, config=config_arg(args.dit_config), use_ema=args.dit_ema, filename=args.dit_filename,
+        device=device,
+    )  # fmt: skip
+
+
+# ################################################################################################
+# inputs and outputs
+# ################################################################################################
+
+
+def collect_images(inputs: Sequence[str]) -> list[Path]:
+    """Expand files and directories (recursively, :func:`dmvae.image.list_images`) into image files."""
+    from dmvae.image import list_images
+
     paths: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {p}")
-            paths.extend(found)
+            paths.extend(list_images(p))
         elif p.is_file():
             paths.append(p)
         else:
@@ -60,8 +274,59 @@ def collect_images(inputs: list[str]) -> list[Path]:
     return paths
 
 
-def batched(items: list, size: int):
+def batched(items: list, size: int) -> Iterator[list]:
     if size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {size}")
     for i in range(0, len(items), size):
         yield items[i : i + size]
+
+
+def _check_writable_dir(path: Path) -> None:
+    """The nearest existing ancestor of ``path`` must be a writable directory."""
+    anc = path
+    while not anc.exists():
+        if anc.parent == anc:
+            break
+        anc = anc.parent
+    if not anc.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(anc))
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, "no permission to write in this directory", str(anc))
+
+
+def check_output_file(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
+    """Before any work: refuse an existing ``path`` unless ``overwrite``, and a place we cannot write."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "the output is a directory, expected a file path", str(path))
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+    _check_writable_dir(path if path.exists() else path.parent)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise PermissionError(errno.EACCES, "no permission to replace this file", str(path))
+    return path
+
+
+def check_output_files(out_dir: str | os.PathLike[str], names: Sequence[str], *, overwrite: bool) -> Path:
+    """Before any work: ``out_dir`` must be (or can become) a writable directory, and none of
+    ``out_dir/name`` may exist unless ``overwrite``."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "the output exists and is not a directory", str(out))
+    _check_writable_dir(out)
+    existing = [n for n in names if (out / n).exists()]
+    if existing and not overwrite:
+        shown = ", ".join(existing[:5]) + (f" and {len(existing) - 5} more" if len(existing) > 5 else "")
+        raise FileExistsError(f"{out} already holds {shown}; pass --overwrite to replace them")
+    return out
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Re-raise an ``OSError`` without a file name (``ENOSPC`` from a write) as one naming ``path``."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror or str(e), str(path)) from e
+        raise

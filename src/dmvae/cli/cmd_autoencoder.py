@@ -4,146 +4,88 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import sys
 from pathlib import Path
+from typing import Any
 
-from dmvae.cli._common import add_model_args, batched, collect_images, load_autoencoder
+from dmvae.cli._common import (
+    add_model_args,
+    add_output_args,
+    add_parser,
+    batched,
+    check_output_file,
+    check_output_files,
+    collect_images,
+    int_range,
+    load_autoencoder,
+    writing,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
+    p = add_parser(
+        subparsers,
         "reconstruct",
         help="encode and decode images, write the reconstructions as PNG",
         description="Centre-crop (ADM) each image to the model's resolution, encode, decode, and "
-        "write <name>.png to OUT_DIR. Prints the PSNR of each reconstruction.",
+        "write <name>.png to OUT. Prints the PSNR of each reconstruction. Images smaller than the "
+        "crop are upscaled (with a note).",
     )
     p.add_argument("images", nargs="+", help="image files or directories")
-    p.add_argument("-o", "--out", required=True, help="output directory")
-    p.add_argument("--size", type=int, default=None, help="crop size (default: the model's image_size)")
-    p.add_argument("--batch-size", type=int, default=8)
+    add_output_args(p, what="output directory")
+    p.add_argument("--size", type=int_range(1), default=None, help="crop size (default: the model's image_size)")
+    p.add_argument("--batch-size", type=int_range(1), default=8, help="images per model call")
     add_model_args(p)
     p.set_defaults(func=run_reconstruct)
 
-    p = subparsers.add_parser(
+    p = add_parser(
+        subparsers,
         "encode",
-        help="encode a folder of images to a latents .safetensors file",
+        help="encode images to a latents .safetensors file",
         description="Writes tensor 'latents' (N, C, h, w), normalised with the model's "
-        "latent_mean/latent_scale unless --raw, plus the file names in the metadata.",
+        "latent_mean/latent_scale unless --raw, and, for one folder of class sub-folders "
+        "(<root>/<class>/*), tensor 'labels' (N,) with the sorted class index. The metadata holds "
+        "the file paths relative to their input folder ('files'), the class names ('classes') and "
+        "the normalisation.",
     )
     p.add_argument("images", nargs="+", help="image files or directories")
-    p.add_argument("-o", "--out", required=True, help="output .safetensors file")
-    p.add_argument("--size", type=int, default=None, help="crop size (default: the model's image_size)")
+    add_output_args(p, what="output .safetensors file")
+    p.add_argument("--size", type=int_range(1), default=None, help="crop size (default: the model's image_size)")
     p.add_argument("--raw", action="store_true", help="store raw (un-normalised) latents")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int_range(1), default=8, help="images per model call")
     add_model_args(p)
     p.set_defaults(func=run_encode)
 
-    p = subparsers.add_parser(
+    p = add_parser(
+        subparsers,
         "decode",
         help="decode a latents .safetensors file to PNG images",
         description="Reads tensor 'latents' written by `dmvae encode` (or any (N, C, h, w) "
-        "tensor under --key) and writes one PNG per latent.",
+        "tensor under --key) and writes one PNG per latent, named after the encoded files "
+        "(sanitised: base names only) or numbered.",
     )
     p.add_argument("latents", help="input .safetensors file")
-    p.add_argument("-o", "--out", required=True, help="output directory")
-    p.add_argument("--key", default="latents", help="tensor name in the file (default: latents)")
-    p.add_argument(
-        "--raw", action="store_true", help="the latents are raw (default: read from the file's metadata)"
-    )
-    p.add_argument("--batch-size", type=int, default=8)
+    add_output_args(p, what="output directory")
+    p.add_argument("--key", default="latents", help="tensor name in the file")
+    p.add_argument("--raw", action="store_true", help="the latents are raw (default: read from the file's metadata)")
+    p.add_argument("--batch-size", type=int_range(1), default=8, help="latents per model call")
     add_model_args(p)
     p.set_defaults(func=run_decode)
 
 
-def _load_batch(paths: list[Path], size: int):
-    from dmvae.image import center_crop_arr, load_image, pil_to_tensor
+def _crops(paths: list[Path], size: int, warn: bool = True) -> list[Any]:
+    """ADM centre crops (PIL, size x size) of the images; a note for each upscaled image."""
+    from dmvae.image import center_crop_arr, load_image
 
-    return pil_to_tensor([center_crop_arr(load_image(p), size) for p in paths])
-
-
-def run_reconstruct(args: argparse.Namespace) -> int:
-    import torch
-    from tqdm.auto import tqdm
-
-    from dmvae.image import tensor_to_pil
-
-    paths = collect_images(args.images)
-    model = load_autoencoder(args)
-    size = args.size or model.config.image_size
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    names: set[str] = set()
-    with torch.no_grad(), tqdm(total=len(paths), desc="reconstruct", unit="img") as bar:
-        for chunk in batched(paths, args.batch_size):
-            x = _load_batch(chunk, size)
-            rec = model.decode(model.encode(x)).cpu()
-            for p, xi, ri, img in zip(chunk, x, rec, tensor_to_pil(rec)):
-                name = _unique(p.stem, names)
-                img.save(out / f"{name}.png")
-                mse = ((ri.clamp(-1, 1) - xi) / 2).pow(2).mean().item()
-                psnr = float("inf") if mse == 0 else -10.0 * torch.log10(torch.tensor(mse)).item()
-                tqdm.write(f"{p} -> {out / (name + '.png')}  PSNR {psnr:.2f} dB")
-                bar.update(1)
-    return 0
-
-
-def run_encode(args: argparse.Namespace) -> int:
-    import torch
-    from tqdm.auto import tqdm
-
-    from dmvae.hub import atomic_save_safetensors
-
-    paths = collect_images(args.images)
-    model = load_autoencoder(args)
-    size = args.size or model.config.image_size
-    latents = []
-    with torch.no_grad(), tqdm(total=len(paths), desc="encode", unit="img") as bar:
-        for chunk in batched(paths, args.batch_size):
-            latents.append(model.encode(_load_batch(chunk, size), normalize=not args.raw).float().cpu())
-            bar.update(len(chunk))
-    z = torch.cat(latents)
-    metadata = {
-        "files": json.dumps([str(p) for p in paths]),
-        "normalized": json.dumps(not args.raw),
-        "latent_mean": json.dumps(model.config.latent_mean),
-        "latent_scale": json.dumps(model.config.latent_scale),
-        "image_size": json.dumps(size),
-    }
-    atomic_save_safetensors({"latents": z}, args.out, metadata=metadata)
-    print(f"wrote {tuple(z.shape)} latents to {args.out}")
-    return 0
-
-
-def run_decode(args: argparse.Namespace) -> int:
-    import torch
-    from safetensors import safe_open
-    from tqdm.auto import tqdm
-
-    from dmvae.hub import read_safetensors
-    from dmvae.image import tensor_to_pil
-
-    tensors = read_safetensors(args.latents)
-    if args.key not in tensors:
-        raise KeyError(f"{args.latents} has no tensor {args.key!r}; found {sorted(tensors)}")
-    z = tensors[args.key]
-    with safe_open(args.latents, framework="pt") as f:
-        meta = f.metadata() or {}
-    normalized = False if args.raw else json.loads(meta.get("normalized", "true"))
-    files = json.loads(meta["files"]) if "files" in meta else None
-    model = load_autoencoder(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    names: set[str] = set()
-    index = 0
-    with torch.no_grad(), tqdm(total=len(z), desc="decode", unit="img") as bar:
-        for start in range(0, len(z), args.batch_size):
-            chunk = z[start : start + args.batch_size]
-            for img in tensor_to_pil(model.decode(chunk, normalize=normalized).cpu()):
-                stem = Path(files[index]).stem if files and index < len(files) else f"{index:06d}"
-                img.save(out / f"{_unique(stem, names)}.png")
-                index += 1
-            bar.update(len(chunk))
-    print(f"wrote {index} images to {out}")
-    return 0
+    out = []
+    for p in paths:
+        img = load_image(p)
+        if warn and min(img.size) < size:
+            print(f"note: {p} is {img.size[0]}x{img.size[1]}, smaller than the {size}x{size} crop: "
+                  "it is upscaled (bicubic) first", file=sys.stderr)  # fmt: skip
+        out.append(center_crop_arr(img, size))
+    return out
 
 
 def _unique(stem: str, taken: set[str]) -> str:
@@ -152,3 +94,167 @@ def _unique(stem: str, taken: set[str]) -> str:
         name, k = f"{stem}_{k}", k + 1
     taken.add(name)
     return name
+
+
+_UNSAFE = re.compile(r"[^\w.\-+=@,() ]", flags=re.UNICODE)
+
+
+def _safe_stem(name: Any, index: int) -> str:
+    """A file stem that cannot leave the output directory: the base name of ``name`` (either
+    separator), without control / path characters or leading dots; ``{index:06d}`` if nothing
+    is left."""
+    text = str(name).replace("\\", "/").split("/")[-1]
+    stem = text.rsplit(".", 1)[0] if "." in text.lstrip(".") else text
+    stem = _UNSAFE.sub("_", stem).strip(" ").lstrip(".")[:200]
+    return stem or f"{index:06d}"
+
+
+def run_reconstruct(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from dmvae.image import pil_to_tensor, tensor_to_pil, to_uint8
+    from dmvae.metrics import psnr
+
+    paths = collect_images(args.images)
+    taken: set[str] = set()
+    names = [_unique(p.stem, taken) + ".png" for p in paths]
+    out = check_output_files(args.out, names, overwrite=args.overwrite)  # before loading the model
+    model = load_autoencoder(args)
+    size = args.size or model.config.image_size
+    out.mkdir(parents=True, exist_ok=True)
+    done = 0
+    with torch.no_grad(), tqdm(total=len(paths), desc="reconstruct", unit="img", disable=args.quiet) as bar:
+        for chunk in batched(list(range(len(paths))), args.batch_size):
+            x = pil_to_tensor(_crops([paths[i] for i in chunk], size))  # (b, 3, S, S) in [-1, 1]
+            rec = model.decode(model.encode(x, normalize=False), normalize=False).float().cpu()
+            scores = psnr(to_uint8(x), to_uint8(rec))  # on the saved 8-bit images
+            for i, img, score in zip(chunk, tensor_to_pil(rec), scores.tolist()):
+                target = out / names[i]
+                with writing(target):
+                    _save_png(img, target)
+                tqdm.write(f"{paths[i]} -> {target}  PSNR {score:.2f} dB")
+                done += 1
+                bar.update(1)
+    return 0
+
+
+def _save_png(img: Any, path: Path) -> None:
+    import io
+
+    from dmvae._io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _relative_names(inputs: list[str]) -> tuple[list[Path], list[str], list[int] | None, list[str] | None]:
+    """Files of the inputs, their names relative to their input folder, and class labels when the
+    input is one folder of class sub-folders."""
+    from dmvae.image import folder_class_labels, list_images
+
+    paths: list[Path] = []
+    rel: list[str] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = list_images(p)
+            paths += found
+            rel += [f.relative_to(p).as_posix() for f in found]
+        elif p.is_file():
+            paths.append(p)
+            rel.append(p.name)
+        else:
+            raise FileNotFoundError(f"image not found: {p}")
+    labels = classes = None
+    if len(inputs) == 1 and Path(inputs[0]).is_dir():
+        found = folder_class_labels(inputs[0], paths)
+        if found is not None:
+            labels, classes = found
+    return paths, rel, labels, classes
+
+
+def run_encode(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from dmvae._io import atomic_save_safetensors
+    from dmvae.image import pil_to_tensor
+
+    paths, rel, labels, classes = _relative_names(args.images)
+    out = check_output_file(args.out, overwrite=args.overwrite)
+    model = load_autoencoder(args)
+    size = args.size or model.config.image_size
+    latents = []
+    with torch.no_grad(), tqdm(total=len(paths), desc="encode", unit="img", disable=args.quiet) as bar:
+        for chunk in batched(paths, args.batch_size):
+            latents.append(model.encode(pil_to_tensor(_crops(chunk, size)), normalize=not args.raw).float().cpu())
+            bar.update(len(chunk))
+    tensors = {"latents": torch.cat(latents)}
+    metadata = {
+        "files": json.dumps(rel),
+        "normalized": json.dumps(not args.raw),
+        "latent_mean": json.dumps(model.config.latent_mean),
+        "latent_scale": json.dumps(model.config.latent_scale),
+        "image_size": json.dumps(size),
+    }
+    if labels is not None:
+        tensors["labels"] = torch.tensor(labels, dtype=torch.long)
+        metadata["classes"] = json.dumps(classes)
+    with writing(out):
+        atomic_save_safetensors(tensors, out, metadata=metadata)
+    extra = f" and {len(classes)}-class labels" if classes else ""
+    print(f"wrote {tuple(tensors['latents'].shape)} latents{extra} to {out}")
+    return 0
+
+
+def _meta_json(meta: dict[str, str], key: str, path: str, default: Any) -> Any:
+    """Parse one JSON metadata field, naming the file and the field when it is invalid."""
+    if key not in meta:
+        return default
+    try:
+        return json.loads(meta[key])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: metadata field {key!r} is not valid JSON ({e.msg} at char {e.pos}): "
+                         f"{meta[key][:80]!r}") from None  # fmt: skip
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    import torch
+    from safetensors import safe_open
+    from tqdm.auto import tqdm
+
+    from dmvae._io import read_safetensors
+    from dmvae.image import tensor_to_pil
+
+    tensors = read_safetensors(args.latents)
+    if args.key not in tensors:
+        raise ValueError(f"{args.latents} has no tensor {args.key!r}; found {sorted(tensors)}")
+    z = tensors[args.key]
+    with safe_open(args.latents, framework="pt") as f:
+        meta = f.metadata() or {}
+    normalized = False if args.raw else _meta_json(meta, "normalized", args.latents, True)
+    if not isinstance(normalized, bool):
+        raise ValueError(f"{args.latents}: metadata field 'normalized' must be true or false, got {normalized!r}")
+    files = _meta_json(meta, "files", args.latents, None)
+    if files is not None and (not isinstance(files, list) or len(files) != len(z)):
+        raise ValueError(f"{args.latents}: metadata field 'files' must list {len(z)} names, got "
+                         f"{type(files).__name__} of length {len(files) if isinstance(files, list) else '-'}")  # fmt: skip
+    taken: set[str] = set()
+    names = [_unique(_safe_stem(files[i] if files else f"{i:06d}", i), taken) + ".png" for i in range(len(z))]
+    out = check_output_files(args.out, names, overwrite=args.overwrite)
+    model = load_autoencoder(args)
+    out.mkdir(parents=True, exist_ok=True)
+    index = 0
+    with torch.no_grad(), tqdm(total=len(z), desc="decode", unit="img", disable=args.quiet) as bar:
+        for start in range(0, len(z), args.batch_size):
+            chunk = z[start : start + args.batch_size]
+            for img in tensor_to_pil(model.decode(chunk, normalize=normalized).cpu()):
+                target = out / names[index]
+                with writing(target):
+                    _save_png(img, target)
+                index += 1
+            bar.update(len(chunk))
+    print(f"wrote {index} images to {out}")
+    return 0

@@ -1,27 +1,39 @@
-"""``dmvae convert``: reference ``.pt`` checkpoints -> our safetensors directories."""
+"""``dmvae convert``: reference ``.pt`` checkpoints -> our safetensors directories
+(argparse around :func:`dmvae.convert.convert_checkpoint`)."""
 
 from __future__ import annotations
 
 import argparse
 
+from dmvae.cli._common import add_alias, add_parser, check_output_files
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
+    p = add_parser(
+        subparsers,
         "convert",
         help="convert a reference checkpoint (vae.pt / ep*.pt) to a dmvae directory",
         description="Reads the reference checkpoint with torch.load(weights_only=True), picks the "
-        "raw or EMA state dict, loads it strictly into the model built from --preset and writes "
+        "raw or EMA state dict, loads it strictly into the model built from --config and writes "
         "config.json + model.safetensors. The kind is detected from the file's keys "
-        "('vae_wo_ddp'/'vae_ema': autoencoder; 'model'/'ema': LatentDiT).",
+        "('vae_wo_ddp'/'vae_ema': autoencoder; 'model'/'ema': LatentDiT). By default the weights "
+        "are those from_pretrained would load: raw for an autoencoder, EMA for a LatentDiT.",
     )
     p.add_argument("input", help="reference .pt file")
     p.add_argument("output", help="output directory")
     p.add_argument(
-        "--preset",
-        required=True,
-        help="autoencoder preset (dmvae-l, ...) or LatentDiT model name (LightningDiT-XL/1, ...)",
+        "--config",
+        default=None,
+        help="(required) autoencoder preset (dmvae-l, ...), LatentDiT model name (LightningDiT-XL/1, ...) "
+        "or config.json",
     )
-    p.add_argument("--ema", action="store_true", help="take the EMA weights (default: raw)")
+    add_alias(p, "--preset", "--config", dest="config")
+    p.add_argument(
+        "--ema",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="EMA (--ema) or raw (--no-ema) weights (default: raw for an autoencoder, EMA for a LatentDiT)",
+    )
     p.add_argument(
         "--set",
         nargs="*",
@@ -29,6 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="config overrides, e.g. --set input_size=16 in_channels=32 (JSON values)",
     )
+    p.add_argument("--overwrite", action="store_true", help="replace a model already in OUTPUT (refused otherwise)")
     p.set_defaults(func=run)
 
 
@@ -48,27 +61,17 @@ def _overrides(pairs: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dmvae.hub import CheckpointError, read_torch_checkpoint
+    from dmvae.cli._common import config_arg, writing
+    from dmvae.convert import convert_checkpoint
+    from dmvae.hub import CONFIG_NAME, WEIGHTS_NAME
 
-    ckpt = read_torch_checkpoint(args.input)
-    keys = sorted(ckpt) if isinstance(ckpt, dict) else []
+    if args.config is None:
+        raise ValueError("--config is required: the preset or config.json the checkpoint was trained with")
     overrides = _overrides(args.set)
-    if any(k in keys for k in ("vae_wo_ddp", "vae_ema")):
-        from dmvae.autoencoder import DMVAE, DMVAEConfig
-
-        cls, config = DMVAE, DMVAEConfig.from_preset(args.preset, **overrides)
-    elif any(k in keys for k in ("model", "ema")):
-        from dmvae.dit import LatentDiT, LatentDiTConfig
-
-        cls, config = LatentDiT, LatentDiTConfig.from_preset(args.preset, **overrides)
-    else:
-        raise CheckpointError(
-            f"{args.input}: not a reference checkpoint (expected keys 'vae_wo_ddp'/'vae_ema' or "
-            f"'model'/'ema', found {keys[:10]})"
-        )
-    del ckpt
-    model = cls.from_pretrained(args.input, config=config, use_ema=args.ema)
-    out = model.save_pretrained(args.output)
-    n = sum(p.numel() for p in model.parameters())
-    print(f"wrote {cls.__name__} ({n:,} parameters, {'EMA' if args.ema else 'raw'} weights) to {out}")
+    check_output_files(args.output, [CONFIG_NAME, WEIGHTS_NAME], overwrite=args.overwrite)  # before reading
+    with writing(args.output):
+        model, out, ema = convert_checkpoint(args.input, args.output, config_arg(args.config), use_ema=args.ema,
+                                             overrides=overrides, overwrite=args.overwrite)  # fmt: skip
+    n = model.num_parameters()
+    print(f"wrote {type(model).__name__} ({n:,} parameters, {'EMA' if ema else 'raw'} weights) to {out}")
     return 0

@@ -1,7 +1,7 @@
 """``dmvae eval-recon`` and ``dmvae eval-gen``: the evaluation protocols of ``docs/evaluation.md``.
 
-dmvae eval-recon --model sen-ye/dmvae --data /data/imagenet/val --inception inception.pth --json recon.json
-dmvae eval-gen samples.npz --ref VIRTUAL_imagenet256_labeled.npz --inception inception.pth --json gen.json
+dmvae eval-recon --model sen-ye/dmvae --data /data/imagenet/val --inception inception.pth -o recon.json
+dmvae eval-gen samples.npz --ref VIRTUAL_imagenet256_labeled.npz --inception inception.pth -o gen.json
 """
 
 from __future__ import annotations
@@ -9,130 +9,106 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from dmvae._version import __version__
+from dmvae.cli._common import (
+    add_device_arg,
+    add_model_args,
+    add_output_args,
+    add_parser,
+    check_output_file,
+    default_device,
+    default_num_workers,
+    int_range,
+    writing,
+)
 
 _RECON_DESCRIPTION = """\
 Reconstruction metrics of an autoencoder on an image folder or ImageNet-val tree: rFID of the
 reconstructions against the centre-cropped originals (ADM crop), PSNR and SSIM on uint8, LPIPS
 (with --lpips), and latent statistics (mean/std, per channel). Numbers do not depend on
---batch-size. --model identity evaluates the data pipeline itself (rFID 0, PSNR inf)."""
+--batch-size. --model identity evaluates the data pipeline itself (rFID 0, PSNR inf).
+--no-fid needs no Inception weights: PSNR / SSIM / latent statistics, and LPIPS when its
+weights are found."""
 
 _GEN_DESCRIPTION = """\
 Generation metrics of samples in ADM .npz files (uint8 NHWC under arr_0; produce them with
-`dmvae sample --num-per-class 50 --npz OUT.npz`): gFID against the reference file's mu/sigma
+`dmvae sample --num-per-class 50 -o OUT.npz`): gFID against the reference file's mu/sigma
 (ADM VIRTUAL_imagenet256_labeled.npz or adm_in256_stats.npz), Inception Score, and k-NN
 precision/recall (k=3) when the reference file holds images."""
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
+    p = add_parser(
+        subparsers,
         "eval-recon",
         help="rFID / PSNR / SSIM / LPIPS / latent statistics of an autoencoder",
         description=_RECON_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--model",
-        required=True,
-        help="DMVAE source: our directory, .safetensors, reference .pt, HF repo id, or 'identity'",
-    )
-    p.add_argument(
-        "--config",
-        default=None,
-        help="preset name or config.json (needed for .safetensors / reference .pt files)",
-    )
-    p.add_argument(
-        "--use-ema",
-        dest="use_ema",
-        action="store_true",
-        default=None,
-        help="pick the EMA weights of a reference checkpoint",
-    )
-    p.add_argument(
-        "--no-ema",
-        dest="use_ema",
-        action="store_false",
-        help="pick the raw weights of a reference checkpoint",
-    )
+    add_model_args(p)
     p.add_argument("--data", required=True, help="image folder or ImageNet-val tree (searched recursively)")
-    p.add_argument(
-        "--num", type=int, default=None, help="evaluate N images spread evenly over the folder (default: all)"
-    )
-    p.add_argument(
-        "--batch-size",
-        type=int,
-        default=32,
-        help="images per forward (default 32; does not change the numbers)",
-    )
-    p.add_argument("--image-size", type=int, default=256, help="centre-crop size (default 256)")
-    p.add_argument(
-        "--crop",
-        choices=("adm", "dmvae"),
-        default="adm",
-        help="adm = ADM center_crop_arr (default); dmvae = reference resize-384 + centre crop",
-    )
-    p.add_argument(
-        "--inception",
-        default=None,
-        help="Inception-v3 2015-12-05 weights (.pth / .safetensors / hf://owner/repo/file); "
-        "default: $DMVAE_INCEPTION_WEIGHTS, then torch's hub cache",
-    )
-    p.add_argument(
-        "--lpips",
-        action="store_true",
-        help="also compute LPIPS-VGG (weights from $DMVAE_LPIPS_WEIGHTS or the caches)",
-    )
-    p.add_argument(
-        "--lpips-weights", default=None, help="LPIPS weights file(s) (implies --lpips); see dmvae.lpips"
-    )
-    p.add_argument(
-        "--num-workers",
-        type=int,
-        default=4,
-        help="image decoding worker processes (default 4; 0 = main process)",
-    )
-    p.add_argument(
-        "--autocast",
-        action="store_true",
-        help="run the autoencoder under bf16 autocast (GPU; as the reference)",
-    )
-    _common(p)
+    p.add_argument("--num", type=int_range(1), default=None,
+                   help="evaluate N images spread evenly over the folder (default: all)")
+    p.add_argument("--batch-size", type=int_range(1), default=32,
+                   help="images per forward (does not change the numbers)")
+    p.add_argument("--image-size", type=int_range(1), default=256, help="centre-crop size")
+    p.add_argument("--crop", choices=("adm", "dmvae"), default="adm",
+                   help="adm = ADM center_crop_arr; dmvae = reference resize-384 + centre crop")
+    p.add_argument("--inception", default=None,
+                   help="Inception-v3 2015-12-05 weights (.pth / .safetensors / hf://owner/repo/file); "
+                   "default: $DMVAE_INCEPTION_WEIGHTS, then torch's hub cache")
+    p.add_argument("--no-fid", action="store_true",
+                   help="skip rFID (no Inception weights needed); LPIPS is then computed when its "
+                   "weights are found, else skipped with a note")
+    p.add_argument("--lpips", action="store_true",
+                   help="also compute LPIPS-VGG (weights from $DMVAE_LPIPS_WEIGHTS or the caches)")
+    p.add_argument("--lpips-weights", default=None, help="LPIPS weights file(s) (implies --lpips); see dmvae.lpips")
+    p.add_argument("--num-workers", type=int_range(0), default=default_num_workers(),
+                   help="image decoding worker processes (0 = main process; the default fits this machine)")
+    p.add_argument("--autocast", action="store_true",
+                   help="run the autoencoder under bf16 autocast (GPU; as the reference)")
+    _add_result_args(p)
     p.set_defaults(func=run_recon)
 
-    g = subparsers.add_parser(
+    g = add_parser(
+        subparsers,
         "eval-gen",
         help="gFID / IS / precision-recall of samples in ADM .npz files",
         description=_GEN_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     g.add_argument("npz", nargs="+", help="sample .npz file(s) (shards are concatenated)")
     g.add_argument("--ref", required=True, help="reference .npz with mu/sigma and/or arr_0 images")
     g.add_argument("--inception", default=None, help="Inception-v3 2015-12-05 weights (see eval-recon)")
-    g.add_argument("--batch-size", type=int, default=100, help="images per Inception forward (default 100)")
-    g.add_argument("--k", type=int, default=3, help="neighbourhood size of precision/recall (default 3)")
+    g.add_argument("--batch-size", type=int_range(1), default=100, help="images per Inception forward")
+    g.add_argument("--k", type=int_range(1), default=3, help="neighbourhood size of precision/recall")
     g.add_argument("--no-pr", action="store_true", help="skip precision/recall")
-    g.add_argument("--is-splits", type=int, default=10, help="Inception Score splits (default 10)")
-    _common(g)
+    g.add_argument("--is-splits", type=int_range(1), default=10, help="Inception Score splits")
+    add_device_arg(g)
+    _add_result_args(g)
     g.set_defaults(func=run_gen)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument(
-        "--json", default=None, metavar="OUT", help="write the results as JSON to OUT ('-' = stdout)"
-    )
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+def _add_result_args(p: argparse.ArgumentParser) -> None:
+    """``-o/--out`` (JSON results file), ``--overwrite``, ``--quiet``, ``--json`` (JSON on stdout).
+
+    The old ``--json OUT`` (write the file) still works, with a deprecation note."""
+    add_output_args(p, what="also write the results as JSON to this file", required=False)
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="",
+                   help="print the results as JSON on stdout instead of the summary")
 
 
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def _json_target(args: argparse.Namespace) -> tuple[bool, Path | None]:
+    """(print JSON on stdout?, results file or None); the file is checked before any work."""
+    out = args.out
+    if args.json not in (None, "-"):
+        print(f"note: --json FILE is deprecated and will be removed; use -o {args.json}", file=sys.stderr)
+        if out is not None:
+            raise ValueError("give the results file once: -o FILE (--json FILE is its old spelling)")
+        out = args.json
+    return args.json == "-", (check_output_file(out, overwrite=args.overwrite) if out is not None else None)
 
 
 def _jsonable(value: Any) -> Any:
@@ -146,9 +122,14 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _emit(results: dict[str, Any], out: str | None, summary_keys: tuple[str, ...]) -> None:
+def _emit(results: dict[str, Any], to_stdout: bool, out: Path | None, summary_keys: tuple[str, ...]) -> None:
+    from dmvae._io import atomic_write_text
+
     payload = json.dumps(_jsonable(results), indent=2)
-    if out == "-":
+    if out is not None:
+        with writing(out):
+            atomic_write_text(out, payload + "\n")
+    if to_stdout:
         print(payload)
         return
     for key in summary_keys:
@@ -156,48 +137,51 @@ def _emit(results: dict[str, Any], out: str | None, summary_keys: tuple[str, ...
         if value is None:
             continue
         print(f"{key:>20}: {value:.6g}" if isinstance(value, float) else f"{key:>20}: {value}")
+    lat = results.get("latents")
+    if lat:
+        print(f"{'latent_mean':>20}: {lat['latent_mean']:.6g}")
+        print(f"{'latent_std':>20}: {lat['latent_std']:.6g}  (scale {lat['latent_scale']:.6g})")
     if out is not None:
-        from dmvae.hub import atomic_write_text
-
-        atomic_write_text(Path(out), payload + "\n")
         print(f"results written to {out}")
 
 
-class _Identity(torch.nn.Module):
-    """--model identity: reconstruction = input (measures the evaluation pipeline itself)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
-def _load_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+def _load_model(args: argparse.Namespace, device: str) -> Any:
     if args.model == "identity":
-        return _Identity()
-    from dmvae.autoencoder import DMVAE
+        import torch
 
-    config: Any = args.config
-    if config is not None and str(config).endswith(".json"):
-        from dmvae.autoencoder import DMVAEConfig
+        return torch.nn.Identity()  # reconstruction = input: measures the evaluation pipeline itself
+    from dmvae.cli._common import load_autoencoder
 
-        config = DMVAEConfig.load(config)
-    return DMVAE.from_pretrained(args.model, config=config, use_ema=args.use_ema, device=device)
+    args.device = device
+    return load_autoencoder(args)
+
+
+def _lpips(args: argparse.Namespace, device: str) -> Any:
+    """LPIPS when asked for; with --no-fid also when its weights are simply there."""
+    from dmvae.lpips import LPIPS, LPIPSWeightsError
+
+    if args.lpips or args.lpips_weights:
+        return LPIPS(weights=args.lpips_weights).to(device)
+    if not args.no_fid:
+        return None
+    try:
+        return LPIPS().to(device)
+    except LPIPSWeightsError as e:
+        print(f"note: LPIPS skipped: {str(e).splitlines()[0]}", file=sys.stderr)
+        return None
 
 
 def run_recon(args: argparse.Namespace) -> int:
     from dmvae.evaluation import evaluate_reconstruction
 
-    device = _device(args.device)
+    to_stdout, out = _json_target(args)
+    device = default_device(args.device)
     model = _load_model(args, device)
-    lpips = None
-    if args.lpips or args.lpips_weights:
-        from dmvae.lpips import LPIPS
-
-        lpips = LPIPS(weights=args.lpips_weights).to(device)
     result = evaluate_reconstruction(
         model,
         args.data,
         inception_weights=args.inception,
-        lpips=lpips,
+        lpips=_lpips(args, device),
         batch_size=args.batch_size,
         num_images=args.num,
         image_size=args.image_size,
@@ -205,39 +189,33 @@ def run_recon(args: argparse.Namespace) -> int:
         device=device,
         num_workers=args.num_workers,
         autocast=args.autocast,
-        progress=not args.no_progress,
+        progress=not args.quiet,
+        fid=not args.no_fid,
     )
-    out = {"dmvae_version": __version__, "model": args.model, "data": str(args.data), **result.to_dict()}
-    _emit(out, args.json, ("num_images", "rfid", "psnr", "ssim", "lpips"))
-    if result.latents is not None and args.json != "-":
-        lat = result.latents
-        print(f"{'latent_mean':>20}: {lat['latent_mean']:.6g}")
-        print(f"{'latent_std':>20}: {lat['latent_std']:.6g}  (scale {lat['latent_scale']:.6g})")
+    res = {"dmvae_version": __version__, "model": args.model, "data": str(args.data), **result.to_dict()}
+    _emit(res, to_stdout, out, ("num_images", "rfid", "psnr", "ssim", "lpips"))
     return 0
 
 
 def run_gen(args: argparse.Namespace) -> int:
     from dmvae.evaluation import evaluate_generation
 
+    to_stdout, out = _json_target(args)
     result = evaluate_generation(
         args.npz,
         args.ref,
         inception_weights=args.inception,
         batch_size=args.batch_size,
-        device=_device(args.device),
+        device=default_device(args.device),
         precision_recall_k=None if args.no_pr else args.k,
         is_splits=args.is_splits,
-        progress=not args.no_progress,
+        progress=not args.quiet,
     )
-    out = {
+    res = {
         "dmvae_version": __version__,
         "samples": [str(p) for p in args.npz],
         "reference": str(args.ref),
         **result.to_dict(),
     }
-    _emit(
-        out,
-        args.json,
-        ("num_samples", "fid", "inception_score", "inception_score_std", "precision", "recall"),
-    )
+    _emit(res, to_stdout, out, ("num_samples", "fid", "inception_score", "inception_score_std", "precision", "recall"))
     return 0

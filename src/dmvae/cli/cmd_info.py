@@ -7,22 +7,21 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dmvae.cli._common import add_parser
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
+    p = add_parser(
+        subparsers,
         "info",
         help="describe a preset or a saved model (no download)",
         description="SRC is an autoencoder preset (dmvae-l, dmvae-b, ...), a LatentDiT model name "
-        "(LightningDiT-XL/1, ...) or a directory holding our config.json. The model is built on "
+        "(LightningDiT-XL/1, ...), a config.json or a directory holding one. The model is built on "
         "the meta device, so nothing is allocated or downloaded.",
     )
     p.add_argument("source", help="preset, model name or directory")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=run)
-
-
-def _count(module: Any) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def _describe_autoencoder(config: Any, label: str) -> dict[str, Any]:
@@ -39,12 +38,7 @@ def _describe_autoencoder(config: Any, label: str) -> dict[str, Any]:
         "model": "DMVAE",
         "source": label,
         "config": config.to_dict(),
-        "parameters": {
-            "encoder": _count(model.encoder),
-            "bottleneck": _count(model.bottle_neck),
-            "decoder": _count(model.decoder),
-            "total": _count(model),
-        },
+        "parameters": model.parameter_counts(),
         "encoder": {
             "timm_model": config.encoder,
             "embed_dim": int(getattr(enc, "embed_dim", 0)),
@@ -70,38 +64,40 @@ def _describe_dit(config: Any, label: str) -> dict[str, Any]:
         "model": "LatentDiT",
         "source": label,
         "config": config.to_dict(),
-        "parameters": {"total": _count(model)},
+        "parameters": {"total": model.num_parameters()},
         "latent_shape": [config.in_channels, config.input_size, config.input_size],
+        "null_class": model.null_class,
         "tokens": tokens,
         "head_dim": config.hidden_size // config.num_heads,
     }
 
 
 def describe(source: str) -> dict[str, Any]:
-    from dmvae.autoencoder import DMVAEConfig, list_presets
+    """The description of a preset name, a ``config.json`` or a directory holding one."""
+    from dmvae._registry import list_models, model_config
+    from dmvae.autoencoder import DMVAEConfig
+    from dmvae.dit import LatentDiTConfig
 
-    if source in list_presets():
-        return _describe_autoencoder(DMVAEConfig.from_preset(source), f"preset {source}")
-    try:
-        from dmvae.dit import LatentDiTConfig, list_models
-    except ImportError:  # pragma: no cover - during partial installs only
-        list_models = lambda: []  # noqa: E731
     if source in list_models():
-        return _describe_dit(LatentDiTConfig.from_preset(source), f"model {source}")
+        config = model_config(source)
+        if isinstance(config, LatentDiTConfig):
+            return _describe_dit(config, f"model {source}")
+        return _describe_autoencoder(config, f"preset {source}")
     path = Path(source)
     cfg_file = path / "config.json" if path.is_dir() else path
     if cfg_file.is_file() and cfg_file.suffix == ".json":
-        data = json.loads(cfg_file.read_text())
+        from dmvae._io import read_json
+
+        data = read_json(cfg_file, "config file")
+        if not isinstance(data, dict):
+            raise ValueError(f"{cfg_file}: expected a JSON object of config fields, got {type(data).__name__}")
         kind = data.get("_class_name", "DMVAEConfig")
         if kind in ("LatentDiT", "LatentDiTConfig"):
-            from dmvae.dit import LatentDiTConfig
-
-            return _describe_dit(LatentDiTConfig.from_dict(data), str(path))
-        return _describe_autoencoder(DMVAEConfig.from_dict(data), str(path))
-    known = [*list_presets(), *list_models()]
+            return _describe_dit(LatentDiTConfig.load(cfg_file), str(path))
+        return _describe_autoencoder(DMVAEConfig.load(cfg_file), str(path))
     raise ValueError(
-        f"{source!r} is neither a known preset/model ({', '.join(known)}) nor a directory with a "
-        "config.json"
+        f"{source!r} is neither a known preset/model ({', '.join(list_models())}) nor a config.json or a "
+        "directory holding one"
     )
 
 
@@ -133,6 +129,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  transformer depth {c['depth']}, width {c['hidden_size']}, heads {c['num_heads']} "
               f"(head dim {info['head_dim']}), patch {c['patch_size']}")
         print(f"  latent      {'x'.join(map(str, info['latent_shape']))} -> {info['tokens']} tokens")
-        print(f"  classes     {c['num_classes']} (+ null class {c['num_classes']})")
+        null = info["null_class"]
+        extra = f" (+ null class {null} for guidance)" if null is not None else " (no null class: no guidance)"
+        print(f"  classes     {c['num_classes']}{extra if c['num_classes'] else ' (unconditional)'}")
         print(f"  total       {_millions(info['parameters']['total'])} parameters")
     return 0

@@ -185,11 +185,15 @@ def load_reference_stats(path: str | os.PathLike[str]) -> FIDStats:
                     if "arr_0" in keys
                     else ""
                 )
-                raise KeyError(
+                from dmvae.npz import NpzKeyError
+
+                raise NpzKeyError(
                     f"{path}: expected FID statistics under keys 'mu' and 'sigma' (ADM "
                     f"VIRTUAL_*.npz or adm_in256_stats.npz layout), found keys {keys}.{hint}"
                 )
             mu, sigma = np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64)
+    except KeyError:
+        raise
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise ValueError(f"{path} is not a readable .npz file: {e}") from e
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
