@@ -198,3 +198,160 @@ def test_entry_validation(tmp_path) -> None:
     assert manifest["entries"]["m"]["kind"] == "module" and manifest["json"]["note"] == {"a": [1, 2]}
     # a step directory can be passed directly
     assert load_checkpoint(p, restore_rng=False)["note"] == {"a": [1, 2]}
+
+
+# ---- issue 11: re-saving a step never leaves it missing; failed loads change nothing -----------
+
+
+def test_resave_step_is_visible_at_every_instant(tmp_path, monkeypatch) -> None:
+    """Between the two renames of a re-save the old copy (moved aside) is still listed."""
+    old = nn.Linear(2, 2)
+    save_checkpoint(tmp_path, 5, model=old, save_rng=False)
+    seen = []
+
+    def probe() -> None:
+        assert not (tmp_path / "step_00000005").exists()  # really between the two renames
+        path = latest_checkpoint(tmp_path)
+        m = nn.Linear(2, 2)
+        ck = load_checkpoint(tmp_path, model=m, restore_rng=False)
+        seen.append((path.name, ck.step, torch.equal(m.weight, old.weight)))
+
+    monkeypatch.setattr(ckpt_mod, "_between_renames", probe)
+    save_checkpoint(tmp_path, 5, model=nn.Linear(2, 2), save_rng=False)
+    assert len(seen) == 1 and seen[0][0].startswith(".old-step_00000005-") and seen[0][1:] == (5, True)
+    assert [p.name for p in tmp_path.iterdir()] == ["step_00000005"]  # the aside copy is gone
+
+
+_CRASH_BETWEEN_RENAMES = """
+import os, sys, torch
+from torch import nn
+import dmvae.training.checkpoint as ck
+torch.manual_seed(1)
+ck._between_renames = lambda: os._exit(9)  # a hard crash: no cleanup, no except handler
+ck.save_checkpoint(sys.argv[1], 5, model=nn.Linear(2, 2), save_rng=False)
+"""
+
+
+def test_crash_between_renames_keeps_the_step_and_the_next_save_restores_it(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    old = nn.Linear(2, 2)
+    save_checkpoint(tmp_path, 5, model=old, save_rng=False)
+    res = subprocess.run([sys.executable, "-c", _CRASH_BETWEEN_RENAMES, str(tmp_path)], timeout=120)
+    assert res.returncode == 9
+    assert not (tmp_path / "step_00000005").exists()  # the crash hit between the renames
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [5]
+    m = nn.Linear(2, 2)
+    load_checkpoint(tmp_path, model=m, restore_rng=False)
+    assert torch.equal(m.weight, old.weight)
+    # the next save (another step) must not delete the only copy of step 5: it is put back
+    save_checkpoint(tmp_path, 6, model=nn.Linear(2, 2), save_rng=False)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [5, 6]
+    assert (tmp_path / "step_00000005" / "manifest.json").is_file()
+    m = nn.Linear(2, 2)
+    load_checkpoint(tmp_path, 5, model=m, restore_rng=False)
+    assert torch.equal(m.weight, old.weight)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000005", "step_00000006"]
+
+
+def test_bool_step_is_refused(tmp_path) -> None:
+    with pytest.raises(ValueError, match="non-negative int, got True"):
+        save_checkpoint(tmp_path, True, m=nn.Linear(1, 1))
+    assert not any(tmp_path.iterdir())
+
+
+def _state(*objs) -> list[dict]:
+    out = []
+    for o in objs:
+        sd = o.state_dict()
+        out.append(json.loads(json.dumps(sd, default=lambda t: t.tolist())) if not isinstance(o, nn.Module)
+                   else {k: v.clone() for k, v in sd.items()})
+    return out
+
+
+def _assert_same(before, after) -> None:
+    for a, b in zip(before, after):
+        if isinstance(a, dict) and a and isinstance(next(iter(a.values())), torch.Tensor):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        else:
+            assert a == b
+
+
+def _trained(seed: int):
+    torch.manual_seed(seed)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    sched.step()
+    return model, opt, sched
+
+
+def test_failed_loads_change_nothing(tmp_path) -> None:
+    model, opt, sched = _trained(0)
+    save_checkpoint(tmp_path, 1, model=model, opt=opt, sched=sched)
+    t_model, t_opt, t_sched = _trained(1)
+    before = _state(t_model, t_opt, t_sched)
+
+    # an optimizer over parameters of other shapes
+    other = nn.Linear(5, 2)
+    other_opt = torch.optim.Adam(other.parameters(), lr=0.1)
+    other(torch.randn(1, 5)).sum().backward()
+    other_opt.step()
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path, model=t_model, opt=other_opt, sched=t_sched)
+    _assert_same(before, _state(t_model, t_opt, t_sched))
+
+    # an optimizer of another class (Adam state into SGD) is refused, as the manifest records Adam
+    sgd = torch.optim.SGD(t_model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(TypeError, match="saved from a Adam.*SGD"):
+        load_checkpoint(tmp_path, model=t_model, opt=sgd)
+    _assert_same(before, _state(t_model, t_opt, t_sched))
+
+    # a bad rng.pt: the model and the optimizer are not restored either
+    step_dir = tmp_path / "step_00000001"
+    torch.save([{"torch": torch.zeros(3, dtype=torch.uint8)}], step_dir / "rng.pt")
+    rng_before = torch.get_rng_state().clone(), np.random.get_state()[1].copy(), random.getstate()
+    with pytest.raises(CheckpointError, match="rng.pt: invalid RNG state"):
+        load_checkpoint(tmp_path, model=t_model, opt=t_opt, sched=t_sched)
+    _assert_same(before, _state(t_model, t_opt, t_sched))
+    assert torch.equal(torch.get_rng_state(), rng_before[0])
+    assert (np.random.get_state()[1] == rng_before[1]).all() and random.getstate() == rng_before[2]
+    # with restore_rng=False the same checkpoint loads
+    load_checkpoint(tmp_path, restore_rng=False, model=t_model, opt=t_opt, sched=t_sched)
+    assert torch.equal(t_model.weight, model.weight)
+
+
+def test_damaged_checkpoints_name_the_file(tmp_path) -> None:
+    p = save_checkpoint(tmp_path, 3, m=nn.Linear(1, 1), t=torch.ones(2), save_rng=False)
+    (p / "tensors.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"incomplete: tensors.safetensors is missing"):
+        load_checkpoint(tmp_path)
+    p = save_checkpoint(tmp_path, 4, m=nn.Linear(1, 1), save_rng=False)
+    (p / "m.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"incomplete: m.safetensors is missing"):
+        load_checkpoint(tmp_path)
+    manifest = json.loads((p / "manifest.json").read_text())
+    del manifest["entries"]
+    (p / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"manifest.json: field 'entries' is missing"):
+        load_checkpoint(tmp_path)
+    (p / "manifest.json").write_text('{"format": "dmvae-training-checkpoint/1", "step": 4,, }')
+    with pytest.raises(CheckpointError, match=r"manifest.json.*not valid JSON.*'step'"):
+        load_checkpoint(tmp_path)
+
+
+def test_module_with_meta_or_integer_tensor_is_refused_before_loading(tmp_path) -> None:
+    model, opt, _ = _trained(0)
+    p = save_checkpoint(tmp_path, 1, model=model, save_rng=False)
+    from safetensors.torch import save_file
+
+    save_file({"weight": model.weight.detach().round().to(torch.int64), "bias": model.bias.detach()},
+              str(p / "model.safetensors"))
+    target = nn.Linear(3, 2)
+    before = _state(target)
+    with pytest.raises(CheckpointError, match="weight has dtype torch.int64; expected floating-point"):
+        load_checkpoint(tmp_path, model=target)
+    _assert_same(before, _state(target))

@@ -13,8 +13,14 @@ Layout (one directory per step, ``keep_last`` newest kept)::
 
 Everything is written into ``<dir>/.tmp-...`` first and renamed to ``step_XXXXXXXX`` only when
 complete, so a crash (or an exception) mid-save leaves the previous checkpoints untouched and
-loadable; leftovers are removed by the next successful save. Loading validates every module's keys
-and shapes before touching any of them.
+loadable; leftovers are removed by the next successful save. Re-saving an existing step moves the
+old directory aside as ``.old-step_XXXXXXXX-*`` before the new one is renamed in; the aside copy is
+complete and :func:`list_checkpoints` counts it for its step until the new directory exists, so at
+no instant is the step missing, and the next save puts it back instead of deleting it.
+
+Loading validates everything first (manifest, every file, module keys / shapes / dtype kinds,
+optimizer class and parameter shapes, scheduler keys, RNG states) and only then restores anything:
+a failed load leaves every target and the RNGs as they were.
 
 Under ``torch.distributed`` call both functions on *every* rank: the RNG states of all ranks are
 gathered, rank 0 writes, and each rank restores its own RNG state on load.
@@ -36,14 +42,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from dmvae._io import CheckpointError, fsync_dir, read_json, read_safetensors, read_torch_checkpoint, safetensors_bytes
 from dmvae._utils import unwrap_model
-from dmvae.hub import CheckpointError, check_state_dict, read_safetensors, read_torch_checkpoint
+from dmvae.hub import check_state_dict
 from dmvae.training.distributed import barrier, get_rank, get_world_size, is_distributed
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "Checkpoint"]
 
 FORMAT = "dmvae-training-checkpoint/1"
 _STEP_RE = re.compile(r"step_(\d+)")
+_ASIDE_RE = re.compile(r"\.old-step_(\d+)-[0-9a-f]+")
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 _RESERVED = {"step", "rng", "tensors", "manifest"}
 
@@ -107,52 +115,68 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
-
-    # clone: safetensors refuses shared / non-contiguous storage (tied weights, views)
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}, str(path), metadata)
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _torch_save(obj: Any, path: Path) -> None:
+def _write_synced(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
 
 
+def _save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    _write_synced(path, safetensors_bytes(tensors, metadata))
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    _write_synced(path, buf.getvalue())
+
+
+def _is_complete(path: Path) -> bool:
+    return path.is_dir() and (path / "manifest.json").is_file()
+
+
 def list_checkpoints(directory: str | os.PathLike[str]) -> list[tuple[int, Path]]:
-    """Complete checkpoints under ``directory`` as ``(step, path)``, oldest first."""
+    """Complete checkpoints under ``directory`` as ``(step, path)``, oldest first.
+
+    A step whose ``step_*`` directory is missing but whose aside copy (``.old-step_*``, left by a
+    re-save interrupted between its two renames) is complete is listed with the aside path."""
     d = Path(directory)
     if not d.is_dir():
         return []
-    out = []
+    found: dict[int, Path] = {}
+    aside: dict[int, Path] = {}
     for p in d.iterdir():
-        m = _STEP_RE.fullmatch(p.name)
-        if m and p.is_dir() and (p / "manifest.json").is_file():
-            out.append((int(m.group(1)), p))
-    return sorted(out)
+        if (m := _STEP_RE.fullmatch(p.name)) and _is_complete(p):
+            found[int(m.group(1))] = p
+        elif (m := _ASIDE_RE.fullmatch(p.name)) and _is_complete(p):
+            aside.setdefault(int(m.group(1)), p)
+    for step, p in aside.items():
+        found.setdefault(step, p)
+    return sorted(found.items())
 
 
 def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
     """The newest complete checkpoint directory, or None (use it to decide whether to resume)."""
     ckpts = list_checkpoints(directory)
     return ckpts[-1][1] if ckpts else None
+
+
+def _restore_asides(directory: Path) -> None:
+    """Put back aside copies whose step directory is missing (a re-save crashed between renames)."""
+    for p in list(directory.iterdir()):
+        m = _ASIDE_RE.fullmatch(p.name)
+        if m and _is_complete(p):
+            final = directory / f"step_{int(m.group(1)):08d}"
+            if not final.exists():
+                os.rename(p, final)
+
+
+def _between_renames() -> None:
+    """Called after the old directory of a re-saved step was moved aside and before the new one is
+    moved in (a fault-injection point for tests; does nothing)."""
 
 
 # ---------------------------------------------------------------------------------------- save
@@ -170,14 +194,15 @@ def save_checkpoint(
     """Write ``state`` as ``<directory>/step_{step:08d}`` atomically; returns that path.
 
     Each keyword is one entry: an ``nn.Module`` (DDP / compiled wrappers are unwrapped; EMA is a
-    module), an object with ``state_dict()`` (optimizer, LR scheduler, GradScaler), a tensor, or a
-    JSON-able value / config with ``to_dict()``. ``keep_last`` = how many checkpoints to keep
-    (None = all). Names ``step``, ``rng``, ``tensors``, ``manifest`` are reserved.
+    module), an object with ``state_dict()`` (optimizer, LR scheduler, GradScaler; its class is
+    recorded and checked on load), a tensor, or a JSON-able value / config with ``to_dict()``.
+    ``keep_last`` = how many checkpoints to keep (None = all). Names ``step``, ``rng``,
+    ``tensors``, ``manifest`` are reserved.
     """
-    if not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be a non-negative int, got {step!r}")
-    if keep_last is not None and keep_last < 1:
-        raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r} ({type(step).__name__})")
+    if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
+        raise ValueError(f"keep_last must be an int >= 1 or None, got {keep_last!r}")
     for name in state:
         if name in _RESERVED or not _NAME_RE.fullmatch(name):
             raise ValueError(
@@ -201,6 +226,7 @@ def save_checkpoint(
         return final
 
     directory.mkdir(parents=True, exist_ok=True)
+    _restore_asides(directory)
     tmp = directory / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     old: Path | None = None
@@ -234,17 +260,16 @@ def save_checkpoint(
         if rng is not None:
             _torch_save(rng, tmp / "rng.pt")
             manifest["rng_ranks"] = len(rng)
-        with open(tmp / "manifest.json", "w") as f:  # last: its presence marks a complete write
-            json.dump(manifest, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        # last: its presence marks a complete write
+        _write_synced(tmp / "manifest.json", json.dumps(manifest, indent=2).encode())
+        fsync_dir(tmp)
 
-        if final.exists():  # re-saving a step: move the old one aside, never delete before replacing
+        if final.exists():  # re-saving a step: move the old one aside (still listed), never delete first
             old = directory / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
             os.replace(final, old)
+            _between_renames()
         os.replace(tmp, final)
-        _fsync_dir(directory)
+        fsync_dir(directory)
     except BaseException:
         if old is not None and not final.exists():  # put the previous copy of this step back
             os.rename(old, final)
@@ -253,9 +278,11 @@ def save_checkpoint(
     finally:
         barrier()
 
-    # Successful: clean leftovers of interrupted saves, then prune.
+    # Successful: clean leftovers of interrupted saves (asides only once their step exists), prune.
     for p in directory.iterdir():
-        if p.name.startswith((".tmp-step_", ".old-step_")) and p.is_dir():
+        if p.name.startswith(".tmp-step_") and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif (m := _ASIDE_RE.fullmatch(p.name)) and _is_complete(directory / f"step_{int(m.group(1)):08d}"):
             shutil.rmtree(p, ignore_errors=True)
     if keep_last is not None:
         for _, p in list_checkpoints(directory)[:-keep_last]:
@@ -264,6 +291,97 @@ def save_checkpoint(
 
 
 # ---------------------------------------------------------------------------------------- load
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    file = path / "manifest.json"
+    try:
+        manifest = read_json(file, what="checkpoint manifest")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(manifest).__name__}")
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{file}: unknown checkpoint format {manifest.get('format')!r}, expected {FORMAT!r}")
+    step = manifest.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{file}: field 'step' must be a non-negative int, got {step!r}")
+    entries = manifest.get("entries")
+    if not isinstance(entries, dict):
+        raise CheckpointError(f"{file}: field 'entries' is {'missing' if entries is None else type(entries).__name__}, "
+                              "expected an object (the checkpoint is damaged)")
+    for name, info in entries.items():
+        if not isinstance(info, dict) or info.get("kind") not in ("module", "state_dict", "tensor", "json"):
+            raise CheckpointError(f"{file}: entry {name!r} has no valid 'kind' ({info!r})")
+        if info["kind"] == "json" and name not in manifest.get("json", {}):
+            raise CheckpointError(f"{file}: JSON entry {name!r} has no value in field 'json'")
+    return manifest
+
+
+def _entry_file(path: Path, name: str) -> Path:
+    file = path / name
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing (listed in manifest.json)")
+    return file
+
+
+def _check_optimizer(opt: torch.optim.Optimizer, saved: Any, where: str) -> None:
+    """Everything ``Optimizer.load_state_dict`` would trip over, checked without changing ``opt``:
+    the group structure, and each per-parameter state tensor's shape against its parameter."""
+    if not isinstance(saved, Mapping) or "param_groups" not in saved or "state" not in saved:
+        raise CheckpointError(f"{where}: not an optimizer state dict (expected 'state' and 'param_groups')")
+    groups = saved["param_groups"]
+    if len(groups) != len(opt.param_groups):
+        raise CheckpointError(
+            f"{where}: {len(groups)} parameter group(s) saved, the optimizer has {len(opt.param_groups)}"
+        )
+    params: dict[Any, torch.Tensor] = {}
+    for i, (g_saved, g_now) in enumerate(zip(groups, opt.param_groups)):
+        if len(g_saved["params"]) != len(g_now["params"]):
+            raise CheckpointError(
+                f"{where}: parameter group {i} has {len(g_saved['params'])} parameters saved, "
+                f"{len(g_now['params'])} in the optimizer"
+            )
+        params.update(zip(g_saved["params"], g_now["params"]))
+    for pid, st in saved["state"].items():
+        if pid not in params:
+            raise CheckpointError(f"{where}: state for parameter id {pid} that no group lists")
+        p = params[pid]
+        for key, v in (st.items() if isinstance(st, Mapping) else ()):
+            if isinstance(v, torch.Tensor) and v.ndim > 0 and tuple(v.shape) != tuple(p.shape):
+                raise CheckpointError(
+                    f"{where}: state {key!r} of parameter {pid} has shape {tuple(v.shape)}, the "
+                    f"parameter has {tuple(p.shape)} (was the optimizer built over another model?)"
+                )
+            if isinstance(v, torch.Tensor) and (v.is_complex() and not p.is_complex()):
+                raise CheckpointError(f"{where}: state {key!r} of parameter {pid} is complex ({v.dtype})")
+
+
+def _check_rng(rng: Any, where: str, rank: int) -> None:
+    """Validate RNG states by setting them on fresh generators (the global RNGs are untouched)."""
+    import numpy as np
+
+    if not isinstance(rng, list) or not rng:
+        raise CheckpointError(f"{where}: expected a list of per-rank RNG states, got {type(rng).__name__}")
+    if rank >= len(rng):
+        raise CheckpointError(
+            f"{where} holds RNG states for {len(rng)} process(es); this is rank {rank} "
+            "(resume with the same world size, or restore_rng=False)"
+        )
+    state = rng[rank]
+    try:
+        torch.Generator().set_state(state["torch"])
+        for s in state.get("cuda") or []:
+            if not isinstance(s, torch.Tensor) or s.dtype != torch.uint8:
+                raise TypeError("CUDA RNG states must be uint8 tensors")
+        n = state["numpy"]
+        np.random.RandomState().set_state(
+            (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+        )
+        version, internal, gauss = state["python"]
+        random.Random().setstate((version, tuple(internal), gauss))
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        raise CheckpointError(f"{where}: invalid RNG state for rank {rank}: {type(e).__name__}: {e}") from e
 
 
 def load_checkpoint(
@@ -276,15 +394,22 @@ def load_checkpoint(
     """Load the newest (or ``step``) checkpoint and restore ``targets`` in place.
 
     ``directory`` is the checkpoint root (or one ``step_*`` directory). Each keyword target is
-    restored from the entry of the same name: modules strictly (all modules are checked before any
-    is modified), optimizers / schedulers through ``load_state_dict``. Entries without a target are
-    returned in :attr:`Checkpoint.state`. RNG states are restored when ``restore_rng``.
+    restored from the entry of the same name: modules strictly, optimizers / schedulers through
+    ``load_state_dict``. Entries without a target are returned in :attr:`Checkpoint.state`. RNG
+    states are restored when ``restore_rng``.
+
+    All or nothing: every file is read and every target checked first (module keys, shapes and
+    dtype kinds; optimizer class, groups and state shapes; scheduler class and keys; the RNG
+    states) and only then is anything modified.
 
     Raises:
         FileNotFoundError: no complete checkpoint (or not that step) exists.
-        CheckpointError: a file is corrupt or a module's keys / shapes do not match.
+        CheckpointError: a file is missing, corrupt or does not match its target.
         KeyError: a target has no entry of that name.
+        TypeError: a target cannot be restored (no ``load_state_dict``, or another class).
     """
+    if step is not None and (isinstance(step, bool) or not isinstance(step, int)):
+        raise TypeError(f"step must be an int or None, got {step!r}")
     root = Path(directory)
     if (root / "manifest.json").is_file() and step is None:
         path = root
@@ -300,56 +425,70 @@ def load_checkpoint(
                 raise FileNotFoundError(f"no checkpoint for step {step} in {root}; available steps: {sorted(found)}")
             path = found[step]
 
-    try:
-        manifest = json.loads((path / "manifest.json").read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}/manifest.json is not valid JSON: {e}") from e
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: unknown checkpoint format {manifest.get('format')!r}, expected {FORMAT!r}")
+    manifest = _read_manifest(path)
     entries: dict[str, dict[str, Any]] = manifest["entries"]
     missing = sorted(set(targets) - set(entries))
     if missing:
         raise KeyError(f"checkpoint {path} has no entries {missing}; it has {sorted(entries)}")
 
+    # 1. read every file
     values: dict[str, Any] = {}
-    tensor_file = path / "tensors.safetensors"
-    tensors = read_safetensors(tensor_file) if tensor_file.is_file() else {}
+    tensor_names = [n for n, info in entries.items() if info["kind"] == "tensor"]
+    tensors = read_safetensors(_entry_file(path, "tensors.safetensors")) if tensor_names else {}
     for name, info in entries.items():
         kind = info["kind"]
         if kind == "module":
-            values[name] = read_safetensors(path / f"{name}.safetensors")
+            values[name] = read_safetensors(_entry_file(path, f"{name}.safetensors"))
         elif kind == "state_dict":
-            values[name] = read_torch_checkpoint(path / f"{name}.pt")
+            values[name] = read_torch_checkpoint(_entry_file(path, f"{name}.pt"))
         elif kind == "tensor":
+            if name not in tensors:
+                raise CheckpointError(f"{path}/tensors.safetensors has no tensor {name!r} (listed in manifest.json)")
             values[name] = tensors[name]
-        elif kind == "json":
-            values[name] = manifest["json"][name]
         else:
-            raise CheckpointError(f"{path}: entry {name!r} has unknown kind {kind!r}")
+            values[name] = manifest["json"][name]
+    rng = None
+    if restore_rng and ("rng_ranks" in manifest or (path / "rng.pt").is_file()):
+        rng = read_torch_checkpoint(_entry_file(path, "rng.pt"))
+        _check_rng(rng, f"{path}/rng.pt", get_rank())
 
-    # Check every module before modifying anything.
+    # 2. check every target against what will be loaded into it
     for name, obj in targets.items():
         obj = unwrap_model(obj)
+        kind, saved_class = entries[name]["kind"], entries[name].get("class")
+        where = f"{path.name}/{name}"
         if isinstance(obj, nn.Module):
-            if entries[name]["kind"] != "module":
-                raise CheckpointError(f"entry {name!r} in {path} is a {entries[name]['kind']}, not a module")
-            check_state_dict(obj, values[name], source=f"{path.name}/{name}.safetensors")
+            if kind != "module":
+                raise CheckpointError(f"entry {name!r} in {path} is a {kind}, not a module")
+            check_state_dict(obj, values[name], source=f"{where}.safetensors")
+        elif kind != "state_dict" or not callable(getattr(obj, "load_state_dict", None)):
+            raise TypeError(
+                f"cannot restore target {name!r} ({type(obj).__name__}) from a {kind} entry: modules take "
+                "module entries, objects with load_state_dict() take state-dict entries"
+            )
+        else:
+            if saved_class is not None and saved_class != type(obj).__name__:
+                raise TypeError(
+                    f"entry {name!r} in {path} was saved from a {saved_class}; refusing to load it into a "
+                    f"{type(obj).__name__}"
+                )
+            if isinstance(obj, torch.optim.Optimizer):
+                _check_optimizer(obj, values[name], f"{where}.pt")
+            elif isinstance(values[name], Mapping) and callable(getattr(obj, "state_dict", None)):
+                now, saved = set(obj.state_dict()), set(values[name])
+                if now and saved != now:
+                    raise CheckpointError(
+                        f"{where}.pt does not match the {type(obj).__name__}: keys only saved "
+                        f"{sorted(saved - now)}, only in the target {sorted(now - saved)}"
+                    )
+
+    # 3. restore (nothing above modified anything)
     for name, obj in targets.items():
         obj = unwrap_model(obj)
         if isinstance(obj, nn.Module):
             obj.load_state_dict(values[name], strict=True)
-        elif callable(getattr(obj, "load_state_dict", None)):
-            obj.load_state_dict(values[name])
         else:
-            raise TypeError(f"target {name!r} ({type(obj).__name__}) has no load_state_dict()")
-
-    if restore_rng and (path / "rng.pt").is_file():
-        rng = read_torch_checkpoint(path / "rng.pt")
-        rank = get_rank()
-        if rank >= len(rng):
-            raise CheckpointError(
-                f"{path}/rng.pt holds RNG states for {len(rng)} process(es); this is rank {rank} "
-                "(resume with the same world size, or restore_rng=False)"
-            )
-        _set_rng_state(rng[rank])
+            obj.load_state_dict(values[name])
+    if rng is not None:
+        _set_rng_state(rng[get_rank()])
     return Checkpoint(step=int(manifest["step"]), path=path, state=values)
