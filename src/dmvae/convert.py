@@ -108,7 +108,8 @@ def select_state_dict(
     hint = f" It has {other!r}: pass use_ema={not use_ema} to load those weights." if other in ckpt else ""
     foreign = next((lay for lay in LAYOUTS if lay is not layout and any(k in ckpt for k in lay.keys)), None)
     if foreign is not None:
-        hint = f" This is a {foreign.name} checkpoint, not a {layout.name} one."
+        cls = foreign.model_class.rpartition(":")[2]
+        hint = f" This is a {foreign.name} checkpoint ({foreign.raw_key!r}/{foreign.ema_key!r}): load it with {cls}.from_pretrained."
     raise CheckpointError(f"{source} has no {key!r} entry (use_ema={use_ema}); top-level keys found: {keys[:20]}.{hint}")
 
 
