@@ -133,7 +133,7 @@ def test_bad_arguments(tmp_path, dit):
 
 @pytest.fixture
 def cli_models(tmp_path, dit, monkeypatch):
-    autoencoder = pytest.importorskip("dmvae.autoencoder")
+    from dmvae import autoencoder
     dit.save_pretrained(tmp_path / "dit")
     monkeypatch.setattr(autoencoder.DMVAE, "from_pretrained", classmethod(lambda cls, *a, **k: FakeVAE()))
     return tmp_path / "dit"

@@ -301,7 +301,7 @@ def check_output_file(path: str | os.PathLike[str], *, overwrite: bool) -> Path:
         raise IsADirectoryError(errno.EISDIR, "the output is a directory, expected a file path", str(path))
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
-    _check_writable_dir(path if path.exists() else path.parent)
+    _check_writable_dir(path.parent)
     if path.exists() and not os.access(path, os.W_OK):
         raise PermissionError(errno.EACCES, "no permission to replace this file", str(path))
     return path
