@@ -427,3 +427,26 @@ def test_generation_evaluation(tmp_path, image_dir):
     np.savez(tmp_path / "junk.npz", foo=np.zeros(3))
     with pytest.raises(KeyError, match=r"found keys \['foo'\]"):
         evaluate_generation(tmp_path / "all.npz", tmp_path / "junk.npz", **kw)
+
+
+def test_reference_statistics_are_read_and_validated_by_load_reference_stats(tmp_path):
+    """A (1, 16) mu used to be reported as "1-d" by evaluate_generation's own reader."""
+    from dmvae.evaluation import evaluate_generation
+
+    save_npz_images(tmp_path / "s.npz", np.zeros((4, 8, 8, 3), np.uint8))
+    np.savez(tmp_path / "ref.npz", mu=np.zeros((1, 16)), sigma=np.eye(16))
+    with pytest.raises(ValueError, match=r"mu of shape \(D,\).*\(1, 16\)"):
+        evaluate_generation(tmp_path / "s.npz", tmp_path / "ref.npz", feature_extractor=lambda x: x.float().flatten(1),
+                            progress=False)
+
+
+def test_nchw_samples_are_refused_before_any_work(tmp_path):
+    from dmvae.evaluation import evaluate_generation
+
+    np.savez(tmp_path / "nchw.npz", arr_0=np.zeros((4, 3, 8, 3), np.uint8))
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(16), sigma=np.eye(16))
+    calls = []
+    with pytest.raises(ValueError, match="NCHW"):
+        evaluate_generation(tmp_path / "nchw.npz", tmp_path / "ref.npz",
+                            feature_extractor=lambda x: calls.append(1) or x.float().flatten(1), progress=False)
+    assert calls == []

@@ -109,3 +109,62 @@ def test_to_uint8_errors() -> None:
         to_uint8_numpy(torch.full((1, 3, 2, 2), float("nan")))
     with pytest.raises(TypeError, match="torch.Tensor"):
         to_uint8_numpy(np.zeros((1, 3, 2, 2)))  # type: ignore[arg-type]
+
+
+def test_list_images_and_class_labels(tmp_path: Path) -> None:
+    from dmvae.image import folder_class_labels, list_images
+
+    for rel in ("b/2.png", "a/1.JPEG", "a/0.webp", "b/notes.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        if rel.endswith(".txt"):
+            (tmp_path / rel).write_text("x")
+        else:
+            _rgb(4, 4).save(tmp_path / rel, format="PNG")
+    files = list_images(tmp_path)
+    assert [f.relative_to(tmp_path).as_posix() for f in files] == ["a/0.webp", "a/1.JPEG", "b/2.png"]
+    assert folder_class_labels(tmp_path, files) == ([0, 0, 1], ["a", "b"])
+    _rgb(4, 4).save(tmp_path / "top.png")
+    assert folder_class_labels(tmp_path, list_images(tmp_path)) is None  # not a class-folder layout
+    assert [f.name for f in list_images(tmp_path, num=2)] == ["0.webp", "2.png"]
+    with pytest.raises(ValueError, match="holds only 4"):
+        list_images(tmp_path, num=5)
+    with pytest.raises(FileNotFoundError, match="no images"):
+        list_images(_empty(tmp_path))
+
+
+def _empty(tmp_path: Path) -> Path:
+    (tmp_path / "empty").mkdir(exist_ok=True)
+    return tmp_path / "empty"
+
+
+def test_make_grid_and_save_image_grid(tmp_path: Path) -> None:
+    from dmvae.image import make_grid, save_image_grid
+
+    imgs = np.stack([np.full((2, 3, 3), v, np.uint8) for v in (10, 20, 30)])  # (3, H=2, W=3, 3)
+    grid = make_grid(imgs, nrow=2, padding=1)
+    assert grid.shape == (2 * 3 + 1, 2 * 4 + 1, 3)
+    assert (grid[1:3, 1:4] == 10).all() and (grid[1:3, 5:8] == 20).all() and (grid[4:6, 1:4] == 30).all()
+    assert (grid[4:6, 5:8] == 0).all() and (grid[0] == 0).all()  # empty tile and borders stay black
+    t = torch.zeros(3, 3, 2, 3)  # float [-1, 1] tensors are converted like every image
+    assert make_grid(t, nrow=2, padding=1)[1, 1, 0] == 128
+    path = save_image_grid(imgs, tmp_path / "g.png", nrow=2, padding=1)
+    assert np.array_equal(np.asarray(Image.open(path)), grid)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        save_image_grid(imgs, path, overwrite=False)
+    with pytest.raises(ValueError, match="format"):
+        save_image_grid(imgs, tmp_path / "g.unknown")
+    with pytest.raises(ValueError, match="uint8 images"):
+        make_grid(np.zeros((0, 2, 2, 3), np.uint8))
+
+
+def test_one_float_to_uint8() -> None:
+    from dmvae import generate
+    from dmvae.image import to_uint8
+    from dmvae.metrics import image as metric_image
+
+    assert metric_image.to_uint8 is to_uint8  # one implementation
+    x = torch.tensor([-2.0, -1.0, -0.5, 0.0, 0.999, 1.0, 3.0]).view(1, 1, 1, 7).expand(1, 3, 1, 7)
+    assert to_uint8(x)[0, 0, 0].tolist() == [0, 0, 64, 128, 255, 255, 255]
+    assert np.array_equal(generate.to_uint8(x), to_uint8_numpy(x))
+    with pytest.raises(ValueError, match="NaN"):
+        to_uint8(torch.full((1, 3, 2, 2), float("nan")))

@@ -163,3 +163,47 @@ def test_two_process_gloo(tmp_path: Path) -> None:
         assert r["mean_of_ranks"] == 0.5
         assert r["rng_restored"]
     assert res[0]["rng_draw"] != res[1]["rng_draw"]  # per-rank RNG states were kept apart
+
+
+def test_one_estimator_per_channel_report_and_alias() -> None:
+    """LatentStats carries the per-channel report; LatentChannelStats is the same estimator."""
+    from dmvae.evaluation import LatentChannelStats as FromEvaluation
+    from dmvae.training.stats import LatentChannelStats
+
+    assert FromEvaluation is LatentChannelStats and issubclass(LatentChannelStats, LatentStats)
+    g = torch.Generator().manual_seed(1)
+    grids = [torch.randn(b, 4, 3, 3, generator=g) * torch.tensor([1.0, 2.0, 3.0, 4.0])[:, None, None]
+             for b in (2, 5, 1)]  # fmt: skip
+    stats, view = LatentStats(), LatentChannelStats()
+    for z in grids:
+        stats.update(z)
+        view.update(z)
+    allz = torch.cat(grids).double().transpose(0, 1).reshape(4, -1)  # (C, N)
+    report = stats.summary()
+    assert report == view.compute()
+    assert report["latent_channels"] == 4
+    assert report["latent_channel_mean"] == pytest.approx(allz.mean(1).tolist(), rel=1e-12, abs=1e-12)
+    assert report["latent_channel_std"] == pytest.approx(allz.std(1).tolist(), rel=1e-12)
+    assert report["latent_std"] == pytest.approx(allz.flatten().std().item(), rel=1e-12)
+    assert stats.compute() == pytest.approx((report["latent_mean"], report["latent_scale"]), rel=1e-12)
+    # tokens (B, N, C) use the last axis as channels
+    tok = LatentStats().update(torch.cat(grids).flatten(2).transpose(1, 2))
+    assert tok.summary()["latent_channel_std"] == pytest.approx(report["latent_channel_std"], rel=1e-12)
+
+
+def test_merge_equals_one_pass_and_channel_mismatch_is_an_error() -> None:
+    zs = _latents()
+    whole = LatentStats()
+    for z in zs:
+        whole.update(z)
+    a, b = LatentStats(), LatentStats()
+    for z in zs[:2]:
+        a.update(z)
+    for z in zs[2:]:
+        b.update(z)
+    a.merge(b)
+    assert a.compute() == pytest.approx(whole.compute(), rel=1e-12)
+    for key in ("latent_channel_mean", "latent_channel_std"):
+        assert a.summary()[key] == pytest.approx(whole.summary()[key], rel=1e-12, abs=1e-12)
+    with pytest.raises(ValueError, match="4 channels"):
+        LatentStats().update(torch.zeros(2, 8, 3)).update(torch.zeros(2, 3, 4))
