@@ -123,18 +123,16 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     model = load_autoencoder(args)
     size = args.size or model.config.image_size
     out.mkdir(parents=True, exist_ok=True)
-    done = 0
     with torch.no_grad(), tqdm(total=len(paths), desc="reconstruct", unit="img", disable=args.quiet) as bar:
         for chunk in batched(list(range(len(paths))), args.batch_size):
             x = pil_to_tensor(_crops([paths[i] for i in chunk], size))  # (b, 3, S, S) in [-1, 1]
-            rec = model.decode(model.encode(x, normalize=False), normalize=False).float().cpu()
+            rec = model.reconstruct(x, output_type="pt").float().cpu()  # (b, 3, S, S) float
             scores = psnr(to_uint8(x), to_uint8(rec))  # on the saved 8-bit images
             for i, img, score in zip(chunk, tensor_to_pil(rec), scores.tolist()):
                 target = out / names[i]
                 with writing(target):
                     _save_png(img, target)
                 tqdm.write(f"{paths[i]} -> {target}  PSNR {score:.2f} dB")
-                done += 1
                 bar.update(1)
     return 0
 
