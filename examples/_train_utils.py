@@ -31,8 +31,14 @@ def fail(message: str) -> SystemExit:
     return SystemExit(2)
 
 
+class _Parser(argparse.ArgumentParser):
+    def add_argument(self, *args, **kwargs):  # every option shows its default, even without a help text
+        kwargs.setdefault("help", "(default: %(default)s)")
+        return super().add_argument(*args, **kwargs)
+
+
 def make_parser(doc: str, prog: str | None = None) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=prog, description=doc, formatter_class=HelpFormatter)
+    return _Parser(prog=prog, description=doc, formatter_class=HelpFormatter)
 
 
 def add_data_args(p: argparse.ArgumentParser, *, data_help: str = "") -> None:
@@ -59,7 +65,7 @@ def add_run_args(p: argparse.ArgumentParser, *, log_every: int = 10, image_every
     g.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints")
     g.add_argument("--keep-last", type=int, default=2, help="checkpoints kept")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="initial weights, data order, augmentation and noise")
 
 
 def setup(args: argparse.Namespace) -> DistInfo:
@@ -116,7 +122,7 @@ def load_lpips(args: argparse.Namespace, device: torch.device):
 
     try:
         return LPIPS(weights=args.lpips_weights).to(device)
-    except LPIPSWeightsError as e:
+    except (LPIPSWeightsError, FileNotFoundError) as e:
         first = str(e).strip().splitlines()[0]
         raise fail(f"LPIPS weights not found ({first}); pass --lpips-weights FILE, set DMVAE_LPIPS_WEIGHTS, "
                    "or train without LPIPS: --lpips-weight 0") from None

@@ -1,4 +1,4 @@
-"""Stage 3: distribution-matching training of the autoencoder (paper Sec. 3, App. B.3; reference ``train_dmd.py``).
+r"""Stage 3: distribution-matching training of the autoencoder (paper Sec. 3, App. B.3; reference ``train_dmd.py``).
 
 Two-time-scale loop built from library parts:
 

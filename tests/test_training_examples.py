@@ -1,10 +1,9 @@
-"""The stage examples on real photos (tiny models, CPU): loss goes down, exact resume, 2 processes == 1."""
+"""The stage examples on real photos (tiny models, CPU): loss goes down, exact mid-epoch resume,
+2 DDP processes == 1 process (stages 1, 3, 5), training from the latent cache, help and user errors."""
 
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,40 +14,61 @@ from safetensors.torch import load_file
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import finetune_decoder  # noqa: E402
 import train_dmvae  # noqa: E402
 import train_latent_dit  # noqa: E402
+import train_reference  # noqa: E402
 import train_tokenizer  # noqa: E402
+from _ddp import run_ranks  # noqa: E402
+
+from dmvae.training import load_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.slow  # runs the example scripts (tens of seconds on a 2-core CPU)
 
 TOK = ["--image-size", "32", "--batch-size", "4", "--lpips-weight", "0", "--lr", "2e-3", "--disc-lr", "2e-3",
-       "--warmup", "2", "--ndf", "8", "--log-every", "1000", "--stats-batches", "2"]  # fmt: skip
+       "--warmup", "2", "--ndf", "8", "--log-every", "1", "--stats-batches", "2", "--quiet"]  # fmt: skip
+# GAN on, with per-sample-independent parts only (GroupNorm critic, no DiffAugment): the 1 vs 2 process check
+GAN_DDP = ["--disc-norm", "group", "--no-diffaug", "--bcr-weight", "0"]
 
 
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("stage1")
-    summary = train_tokenizer.main(["--out", str(out), "--steps", "10", "--disc-start", "6", "--ckpt-every", "5", *TOK])
+    summary = train_tokenizer.main(["--out", str(out), "--steps", "10", "--disc-start", "6", "--ckpt-every", "5",
+                                    "--threads", "2", *TOK])  # fmt: skip
     return out, summary
+
+
+@pytest.fixture(scope="module")
+def stage2(stage1, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("stage2")
+    train_latent_dit.main(["--vae", str(stage1[0] / "vae_ema"), "--out", str(out), "--steps", "3", "--batch-size", "4",
+                           "--quiet"])  # fmt: skip
+    return out / "dit_ema"
 
 
 def _losses(history: list[dict], key: str) -> list[float]:
     return [h[key] for h in history]
 
 
-def test_tokenizer_trains_and_resumes_exactly(stage1, tmp_path) -> None:
+def test_tokenizer_trains_and_resumes_exactly_mid_epoch(stage1, tmp_path) -> None:
     out, full = stage1
     l1 = _losses(full["history"], "l1")
     assert sum(l1[:2]) / 2 > sum(l1[3:6]) / 3, l1  # reconstruction improves before the GAN starts
-    assert any(h["gan_weight"] > 0 for h in full["history"][6:])  # the adaptive GAN term is on after step 6
+    assert all("gan_weight" not in h for h in full["history"][:6])  # not computed yet: absent, never nan
+    assert all(h["gan_weight"] > 0 for h in full["history"][6:])  # the adaptive GAN term is on from step 6
     cfg = json.loads((out / "vae_ema" / "config.json").read_text())
     assert cfg["latent_scale"] != 1.0 and cfg["latent_mean"] != 0.0  # measured latent statistics written
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 10 and "NaN" not in "".join(lines)
 
-    # interrupted run: 5 steps (checkpoint at 5), then a new process-like call resumes to 10
+    # interrupted run: 5 steps (checkpoint at 5, inside the first epoch), then a new call resumes to 10
     part = tmp_path / "resume"
     train_tokenizer.main(["--out", str(part), "--steps", "5", "--disc-start", "6", "--ckpt-every", "5", *TOK])
+    data_state = load_checkpoint(part / "checkpoints", restore_rng=False).state["data"]
+    assert data_state["epoch"] == 0 and data_state["batch_in_epoch"] == 5  # mid-epoch (28 batches per epoch)
     resumed = train_tokenizer.main(["--out", str(part), "--steps", "10", "--disc-start", "6", "--ckpt-every", "5", *TOK])
     assert resumed["start_step"] == 5
     assert resumed["history"] == full["history"][5:]  # identical losses, GAN steps included
@@ -56,31 +76,50 @@ def test_tokenizer_trains_and_resumes_exactly(stage1, tmp_path) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_latent_dit_trains_and_resumes(stage1, tmp_path) -> None:
+def test_latent_dit_trains_and_resumes_across_epochs(stage1, tmp_path) -> None:
     vae = str(stage1[0] / "vae_ema")
-    args = ["--vae", vae, "--batch-size", "8", "--log-every", "1000", "--ckpt-every", "10"]
-    full = train_latent_dit.main(["--out", str(tmp_path / "a"), "--steps", "40", *args])
+    args = ["--vae", vae, "--batch-size", "16", "--log-every", "1", "--ckpt-every", "10", "--quiet"]
+    full = train_latent_dit.main(["--out", str(tmp_path / "a"), "--steps", "40", *args])  # 7 batches per epoch
     loss = _losses(full["history"], "loss")
     assert sum(loss[:8]) / 8 > sum(loss[-8:]) / 8, loss
     train_latent_dit.main(["--out", str(tmp_path / "b"), "--steps", "30", *args])
+    state = load_checkpoint(tmp_path / "b" / "checkpoints", restore_rng=False).state["data"]
+    assert (state["epoch"], state["batch_in_epoch"]) == (4, 2)  # 30 = 4 epochs + 2 batches
     resumed = train_latent_dit.main(["--out", str(tmp_path / "b"), "--steps", "40", *args])
     assert resumed["start_step"] == 30 and resumed["history"] == full["history"][30:]
 
 
-def test_dmvae_stage3_and_finetune(stage1, tmp_path) -> None:
+def test_latent_dit_from_the_cache(stage1, tmp_path, capsys) -> None:
+    from dmvae.autoencoder import DMVAE
+    from dmvae.latent_cache import cache_latents
+    from dmvae.training.data import SkimagePhotos, center_crop_transform
+
+    vae = DMVAE.from_pretrained(stage1[0] / "vae_ema")
+    cache_latents(vae, SkimagePhotos(center_crop_transform(32)), tmp_path / "cache", image_size=32, batch_size=16,
+                  shard_size=32, progress=False)  # fmt: skip
+    args = ["--vae", str(stage1[0] / "vae_ema"), "--latents", str(tmp_path / "cache"), "--batch-size", "16",
+            "--log-every", "1", "--quiet"]  # fmt: skip
+    run = train_latent_dit.main(["--out", str(tmp_path / "dit"), "--steps", "30", *args])
+    loss = _losses(run["history"], "loss")
+    assert sum(loss[:6]) / 6 > 1.1 * sum(loss[-6:]) / 6, loss  # training from the cache lowers the loss
+    with pytest.raises(SystemExit):  # a cache of another tokenizer (the non-EMA weights) is refused
+        train_latent_dit.main(["--out", str(tmp_path / "x"), "--steps", "1",
+                               *[str(stage1[0] / "vae") if a.endswith("vae_ema") else a for a in args]])
+    assert "made by a different tokenizer than --vae" in capsys.readouterr().err
+
+
+def test_dmvae_stage3_and_finetune(stage1, stage2, tmp_path) -> None:
     s1 = stage1[0]
-    dit = tmp_path / "dit"
-    train_latent_dit.main(["--vae", str(s1 / "vae_ema"), "--out", str(dit), "--steps", "5", "--batch-size", "4",
-                           "--log-every", "1000"])  # fmt: skip
-    args = ["--vae", str(s1 / "vae_ema"), "--real", str(dit / "dit_ema"), "--batch-size", "4", "--lpips-weight", "0",
+    args = ["--vae", str(s1 / "vae_ema"), "--real", str(stage2), "--batch-size", "4", "--lpips-weight", "0",
             "--vae-every", "2", "--disc-start", "4", "--ndf", "8", "--lr", "2e-3", "--warmup", "1",
-            "--log-every", "1000", "--ckpt-every", "4"]  # fmt: skip
+            "--log-every", "1", "--ckpt-every", "4", "--quiet"]  # fmt: skip
     full = train_dmvae.main(["--out", str(tmp_path / "a"), "--steps", "8", *args])
     h = full["history"]
-    assert [x["rec"] is not None for x in h] == [True, False] * 4  # VAE every 2nd step, fake every step
+    assert [("rec" in x) for x in h] == [True, False] * 4  # VAE every 2nd step, fake every step
     assert h[0]["dm"] == 0.0  # fake == real at the start: no DM signal yet
     assert h[2]["dm"] > 0.0  # the fake model has moved, the DM term is active
-    recs = [x["rec"] for x in h if x["rec"] is not None]
+    assert "d_loss" not in h[2] and h[4]["d_loss"] > 0  # GAN from step 4; nothing logged for it before
+    recs = [x["rec"] for x in h if "rec" in x]
     assert recs[0] > min(recs[1:]), recs
     train_dmvae.main(["--out", str(tmp_path / "b"), "--steps", "4", *args])
     resumed = train_dmvae.main(["--out", str(tmp_path / "b"), "--steps", "8", *args])
@@ -96,40 +135,71 @@ def test_dmvae_stage3_and_finetune(stage1, tmp_path) -> None:
     assert changed == {"decoder"}, changed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_processes_match_one(tmp_path) -> None:
-    """torchrun-style 2 x batch 2 (gloo) gives the parameters of 1 x batch 4 after one step."""
-    common = ["--steps", "1", "--disc-start", "100", *TOK]
-    one = train_tokenizer.main(["--out", str(tmp_path / "one"), *common])  # in this process, batch 4
-    assert one["start_step"] == 0
-    two = [sys.executable, str(EXAMPLES / "train_tokenizer.py"), "--out", str(tmp_path / "two"), *common]
-    two[two.index("--batch-size") + 1] = "2"
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    port = str(_free_port())
-    procs = [
-        subprocess.Popen(two, env=dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                                       MASTER_PORT=port), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        for r in range(2)
-    ]  # fmt: skip
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err.decode()[-3000:]
-    a = load_file(str(tmp_path / "one" / "vae" / "model.safetensors"))
-    b = load_file(str(tmp_path / "two" / "vae" / "model.safetensors"))
-    # Gradients agree to float rounding; Adam's first step (g / (|g| + eps)) can amplify that to a
+def _assert_same_weights(a_file: Path, b_file: Path) -> None:
+    a, b = load_file(str(a_file)), load_file(str(b_file))
+    # Gradients agree to float rounding; Adam's first steps (g / (|g| + eps)) can amplify that to a
     # few 1e-6 on elements whose gradient is ~eps, so compare against the step size (lr 2e-3).
-    diffs = {k: (a[k] - b[k]).abs().max().item() for k in a}
+    diffs = {k: (a[k] - b[k]).abs().max().item() for k in a if a[k].is_floating_point()}
     assert max(diffs.values()) < 1e-5, sorted(diffs.items(), key=lambda kv: -kv[1])[:3]
-    all_diffs = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    all_diffs = torch.cat([(a[k] - b[k]).abs().flatten() for k in diffs])
     assert (all_diffs < 1e-7).float().mean() > 0.999
-    # and the step did change the trained parts (so the comparison is not vacuous)
-    import train_tokenizer as tt
 
-    torch.manual_seed(0)
-    fresh = tt.make_vae(tt.build_parser().parse_args(["--out", "x", "--image-size", "32"])).state_dict()
-    assert not torch.equal(fresh["decoder.conv_out.weight"], a["decoder.conv_out.weight"])
+
+@pytest.mark.parametrize("stage", ["stage1", "stage3", "stage5"])
+def test_two_ddp_processes_match_one(stage, stage1, stage2, tmp_path) -> None:
+    """torchrun-style 2 x batch 2 (gloo, DDP) gives the weights of 1 x batch 4 after two steps."""
+    vae = str(stage1[0] / "vae_ema")
+    if stage == "stage1":  # the GAN (and its adaptive weight on the global batch) is on at step 1
+        script, module = "train_tokenizer.py", train_tokenizer.main
+        common = ["--steps", "2", "--disc-start", "1", *GAN_DDP, *TOK]
+        files = ["vae/model.safetensors"]
+    elif stage == "stage3":  # VAE turn with DM + GAN at step 1, fake model every step
+        script, module = "train_dmvae.py", train_dmvae.main
+        common = ["--vae", vae, "--real", str(stage2), "--steps", "2", "--vae-every", "1", "--disc-start", "1",
+                  "--lpips-weight", "0", "--ndf", "8", "--lr", "2e-3", "--warmup", "1", "--batch-size", "4",
+                  "--log-every", "1", "--quiet", *GAN_DDP]  # fmt: skip
+        files = ["vae/model.safetensors", "fake/model.safetensors"]
+    else:  # LatentDiT with label dropout, noise and times drawn for the global batch
+        script, module = "train_latent_dit.py", train_latent_dit.main
+        common = ["--vae", vae, "--steps", "2", "--batch-size", "4", "--log-every", "1", "--quiet"]
+        files = ["dit/model.safetensors"]
+    one = module(["--out", str(tmp_path / "one"), *common])
+    if stage != "stage5":
+        assert one["history"][1]["gan_weight"] > 0  # the GAN term was really on
+    two = [sys.executable, str(EXAMPLES / script), "--out", str(tmp_path / "two"), *common]
+    two[two.index("--batch-size") + 1] = "2"
+    run_ranks(two, world_size=2)
+    two_summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    for h1, h2 in zip(one["history"], two_summary["history"]):  # logged means over the global batch
+        assert h1.keys() == h2.keys()
+        assert all(abs(h1[k] - h2[k]) <= 1e-5 * max(1.0, abs(h1[k])) for k in h1 if isinstance(h1[k], float)), (h1, h2)
+    for f in files:
+        _assert_same_weights(tmp_path / "one" / f, tmp_path / "two" / f)
+
+
+def test_help_and_one_line_user_errors(tmp_path, capsys) -> None:
+    for mod, prog, title in ((finetune_decoder.run, "finetune_decoder.py", "Stage 4"),
+                             (train_reference.main, "train_reference.py", "Stage 2")):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            mod(["--help"])
+        assert e.value.code == 0
+        text = capsys.readouterr().out
+        assert text.startswith(f"usage: {prog}") and title in text and "(default: 300)" in text
+    res = subprocess.run([sys.executable, str(EXAMPLES / "finetune_decoder.py"), "--help"], capture_output=True,
+                         text=True)  # fmt: skip
+    assert res.returncode == 0 and "--freeze-bottleneck" in res.stdout
+
+    cases = [
+        (train_tokenizer.main, ["--out", str(tmp_path / "a"), "--data", str(tmp_path / "nope")], "--data"),
+        (train_tokenizer.main, ["--out", str(tmp_path / "b"), "--lpips-weights", str(tmp_path / "no.safetensors")],
+         "--lpips-weight 0"),
+        (finetune_decoder.run, ["--out", str(tmp_path / "c")], "--init"),
+        (train_latent_dit.main, ["--out", str(tmp_path / "d"), "--vae", str(tmp_path / "runs" / "missing" / "vae")],
+         "--vae"),
+    ]  # fmt: skip
+    for fn, argv, hint in cases:
+        with pytest.raises(SystemExit) as e:
+            fn(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and hint in err and "Traceback" not in err, err
