@@ -227,14 +227,14 @@ def _statistics(directory: Path, info: CacheInfo) -> dict[str, Any]:
     """Global and per-channel mean / std / scale of the un-normalised latents (both flip variants)."""
     from safetensors import safe_open
 
-    from dmvae.evaluation import LatentChannelStats
+    from dmvae.training.stats import LatentStats
 
-    stats = LatentChannelStats()
+    stats = LatentStats()  # exact estimator: independent of shard and batch sizes
     for k in range(info.num_shards):
         with safe_open(str(info.shard_path(directory, k)), framework="pt") as f:
             for name in ("latents", "latents_flip"):
                 stats.update(f.get_tensor(name).float())
-    return stats.compute()
+    return stats.summary(sync=False)
 
 
 # ################################################################################################

@@ -7,9 +7,10 @@ import json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from dmvae.cli._common import add_model_args
+    from dmvae.cli._common import add_model_args, add_output_args, add_parser, int_range
 
-    p = subparsers.add_parser(
+    p = add_parser(
+        subparsers,
         "cache-latents",
         help="encode a data set once into sharded safetensors latents (+ flips) for LatentDiT training",
         description="Encode the ADM centre crop of every image and of its horizontal mirror with the "
@@ -18,23 +19,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "Resumable: run it again to encode only the missing shards. Under torchrun every process "
         "encodes its own shards (torchrun --nproc_per_node=8 -m dmvae cache-latents ...). Train from "
         "the cache with examples/train_latent_dit.py --latents OUT.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--data", required=True,
                    help="an image folder (class sub-folders = labels), a file list ('<path> [<label>]' lines), "
                         "or 'skimage' (the bundled photos)")
-    p.add_argument("-o", "--out", required=True, help="cache directory")
-    p.add_argument("--image-size", type=int, default=None, help="crop size (default: the model's image_size)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per encoder call, per process")
-    p.add_argument("--shard-size", type=int, default=1024, help="images per shard file")
-    p.add_argument("--num-workers", type=int, default=4, help="DataLoader workers per process")
+    p.add_argument("--image-size", type=int_range(1), default=None, help="crop size (default: the model's image_size)")
+    p.add_argument("--batch-size", type=int_range(1), default=64, help="images per encoder call, per process")
+    p.add_argument("--shard-size", type=int_range(1), default=1024, help="images per shard file")
+    p.add_argument("--num-workers", type=int_range(0), default=None,
+                   help="DataLoader workers per process (default: fits the machine)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="storage type of the latents")
     p.add_argument("--bf16", action="store_true", help="encode under bf16 autocast (the reference's VAE setting)")
-    p.add_argument("--max-shards", type=int, default=None,
+    p.add_argument("--max-shards", type=int_range(1), default=None,
                    help="stop each process after this many new shards (time-limited jobs; re-run to continue)")
-    p.add_argument("--overwrite", action="store_true", help="replace an incompatible existing cache in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_output_args(p, what="cache directory (an existing cache of the same tokenizer is resumed; --overwrite "
+                    "replaces an incompatible one)")
     add_model_args(p)
     p.set_defaults(func=run_cache)
 
@@ -42,13 +42,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_cache(args: argparse.Namespace) -> int:
     import torch
 
-    from dmvae.cli._common import load_autoencoder
+    from dmvae.cli._common import default_num_workers, load_autoencoder
     from dmvae.latent_cache import cache_latents
     from dmvae.training.data import build_dataset, center_crop_transform
     from dmvae.training.distributed import cleanup_distributed, init_distributed, is_main_process
 
-    if args.batch_size < 1 or args.shard_size < 1:
-        raise ValueError(f"--batch-size and --shard-size must be >= 1, got {args.batch_size} and {args.shard_size}")
+    workers = default_num_workers() if args.num_workers is None else args.num_workers
     info = init_distributed(device=args.device)
     if info.backend is not None:
         args.device = str(info.device)
@@ -57,7 +56,7 @@ def run_cache(args: argparse.Namespace) -> int:
     dataset = build_dataset(args.data, center_crop_transform(size))
     try:
         result = cache_latents(vae, dataset, args.out, image_size=size, batch_size=args.batch_size,
-                               shard_size=args.shard_size, num_workers=args.num_workers,
+                               shard_size=args.shard_size, num_workers=workers,
                                dtype=getattr(torch, args.dtype), autocast=args.bf16, source=str(args.data),
                                overwrite=args.overwrite, max_shards=args.max_shards, progress=not args.quiet)
     finally:

@@ -40,7 +40,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from dmvae.image import IMAGE_EXTENSIONS, center_crop_arr, pil_to_rgb
+from dmvae.image import center_crop_arr, folder_class_labels, list_images, pil_to_rgb
 
 __all__ = [
     "SKIMAGE_PHOTOS",
@@ -169,35 +169,24 @@ class ImageDataset(Dataset):
         return out, int(self.samples[int(index)][1])
 
 
-def _list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-
-
 class ImageFolder(ImageDataset):
-    """Images under ``root``. ``labels="auto"``: class folders if ``root`` has sub-folders with
-    images (ImageNet ``train/<wnid>/``; label = sorted folder index), else flat (label 0);
-    ``"folders"`` / ``"none"`` force one of the two."""
+    """Images under ``root`` (:func:`dmvae.image.list_images`). ``labels="auto"``: class folders
+    when every image lies in a sub-folder (ImageNet ``train/<wnid>/``; label = sorted folder index,
+    :func:`dmvae.image.folder_class_labels`), else flat (label 0); ``"folders"`` / ``"none"`` force
+    one of the two."""
 
     def __init__(self, root: str | os.PathLike[str], transform: Callable | None = None, *,
                  labels: str = "auto") -> None:
         root = Path(root)
-        if not root.is_dir():
-            raise FileNotFoundError(f"image folder not found: {root} (use --data skimage for the bundled photos)")
         if labels not in ("auto", "folders", "none"):
             raise ValueError(f"labels must be 'auto', 'folders' or 'none', got {labels!r}")
-        files = _list_images(root)
-        if not files:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {root}")
-        nested = [p for p in files if len(p.relative_to(root).parts) > 1]
-        use_folders = labels == "folders" or (labels == "auto" and len(nested) == len(files))
-        if use_folders:
-            if len(nested) != len(files):
-                top = next(p for p in files if len(p.relative_to(root).parts) == 1)
-                raise ValueError(f"{root}: class-folder layout expected, but {top.name} lies directly in the root")
-            classes = sorted({p.relative_to(root).parts[0] for p in files})
-            index = {c: i for i, c in enumerate(classes)}
-            samples = [(p, index[p.relative_to(root).parts[0]]) for p in files]
-            super().__init__(samples, transform, num_classes=len(classes), classes=classes)
+        files = list_images(root)
+        found = folder_class_labels(root, files) if labels != "none" else None
+        if found is None and labels == "folders":
+            top = next(p for p in files if len(p.relative_to(root).parts) == 1)
+            raise ValueError(f"{root}: class-folder layout expected, but {top.name} lies directly in the root")
+        if found is not None:
+            super().__init__(list(zip(files, found[0])), transform, num_classes=len(found[1]), classes=found[1])
         else:
             super().__init__([(p, 0) for p in files], transform, num_classes=1)
         self.root = root

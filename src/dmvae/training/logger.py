@@ -26,7 +26,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -40,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dmvae._io import atomic_write_bytes, atomic_write_text
+from dmvae._io import atomic_write_text
 from dmvae.training.distributed import all_reduce_mean, is_main_process
 
 __all__ = ["RunningMeans", "MetricLogger", "LOG_BACKENDS"]
@@ -206,18 +205,12 @@ class MetricLogger:
         """Save a grid of float images (N, 3, H, W) in [-1, 1] as ``<out>/images/<name>_<step>.png``."""
         if not self.enabled:
             return None
-        from torchvision.utils import make_grid
-        from PIL import Image
+        from dmvae.image import make_grid, save_image_grid
 
-        from dmvae.image import to_uint8_numpy
-
-        x = images.detach().float().cpu()
-        grid = make_grid(x, nrow=nrow or max(1, int(math.ceil(math.sqrt(x.shape[0])))), padding=2, pad_value=1.0)
-        arr = to_uint8_numpy(grid[None])[0]  # (H, W, 3) uint8
-        buf = io.BytesIO()
-        Image.fromarray(arr).save(buf, format="PNG")
-        path = self.out / "images" / f"{name}_{step:08d}.png"
-        atomic_write_bytes(path, buf.getvalue())
+        x = torch.nan_to_num(images.detach().float().cpu()).clamp(-1, 1)
+        nrow = nrow or max(1, int(math.ceil(math.sqrt(x.shape[0]))))
+        path = save_image_grid(x, self.out / "images" / f"{name}_{step:08d}.png", nrow)  # atomic
+        arr = make_grid(x, nrow) if self._tb is not None or self._wandb is not None else None
         if self._tb is not None:
             self._tb.add_image(name, torch.from_numpy(arr).permute(2, 0, 1), step)
         if self._wandb is not None:
