@@ -455,7 +455,7 @@ class LatentDiT(nn.Module, HubMixin):
         if n % 2:
             raise ValueError(f"forward_with_cfg expects an even (doubled) batch, got {n} rows")
         half = x[: n // 2]
-        out = self.forward(torch.cat([half, half], dim=0), t, y)  # (2B, C, H, W)
+        out = self(torch.cat([half, half], dim=0), t, y)  # (2B, C, H, W); self(): a compiled call
         cond, uncond = out.chunk(2, dim=0)
         t_cond = torch.as_tensor(t, device=x.device, dtype=torch.float32)
         t_cond = t_cond.expand(n)[: n // 2] if t_cond.ndim == 0 else t_cond[: n // 2]
