@@ -304,18 +304,21 @@ class LatentStats:
 
 class LatentChannelStats(LatentStats):
     """:class:`LatentStats` whose :meth:`compute` returns the per-channel report
-    (:meth:`LatentStats.summary`) instead of ``(mean, scale)``; the evaluation's name."""
+    (:meth:`LatentStats.summary`) instead of ``(mean, scale)``; the evaluation's name.
 
-    def compute(self, sync: bool = True) -> dict[str, Any]:  # type: ignore[override]
+    As before, it combines processes only when asked (:meth:`all_reduce`, or ``sync=True``), so
+    one rank alone may call :meth:`compute`."""
+
+    def compute(self, sync: bool = False) -> dict[str, Any]:  # type: ignore[override]
         return self.summary(sync=sync)
 
     @property
     def mean(self) -> float:
-        return self.summary()["latent_mean"]
+        return self.summary(sync=False)["latent_mean"]
 
     @property
     def scale(self) -> float:
-        return self.summary()["latent_scale"]
+        return self.summary(sync=False)["latent_scale"]
 
     def apply_to(self, model: Any, sync: bool = True) -> tuple[float, float]:
         return LatentStats(self.estimator, self.eps).merge(self).apply_to(model, sync=sync)
