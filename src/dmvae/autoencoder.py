@@ -19,22 +19,29 @@ Module and parameter names follow the reference state dict (``encoder.*``, ``bot
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from dmvae._config import ConfigMixin
-from dmvae._registry import MODELS
+from dmvae.autoencoder_config import _PRESETS, DMVAEConfig, list_presets  # noqa: F401 - re-exported
+from dmvae.autoencoder_inputs import (  # noqa: F401 - tokens_to_grid / grid_to_tokens re-exported
+    INPUT_RANGE_LIMIT,
+    as_image_batch,
+    check_images,
+    check_latents,
+    grid_to_tokens,
+    tokens_to_grid,
+)
 from dmvae.convert import AUTOENCODER
 from dmvae.decoders import FluxDecoder
-from dmvae.encoders import RESERVED_TIMM_KWARGS, DINOv2Encoder, load_pretrained_backbone
+from dmvae.encoders import DINOv2Encoder, load_pretrained_backbone
 from dmvae.hub import HubMixin, load_state_dict_strict
+from dmvae.tiling import tiled_decode
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -47,199 +54,6 @@ __all__ = [
     "tokens_to_grid",
     "grid_to_tokens",
 ]
-
-# Inputs whose values leave [-INPUT_RANGE_LIMIT, INPUT_RANGE_LIMIT] are rejected: they are almost
-# certainly [0, 255] images (or unnormalised data), not [-1, 1] images with a little overshoot.
-INPUT_RANGE_LIMIT = 1.5
-
-
-# ################################################################################################
-#                                          Config
-# ################################################################################################
-
-
-@dataclass
-class DMVAEConfig(ConfigMixin):
-    """Architecture and latent statistics of a :class:`DMVAE`. Field names are those of the
-    reference fixture manifests. The defaults are the release architecture (``dmvae-l``) with
-    identity latent statistics; use :meth:`from_preset` for named configurations."""
-
-    model_class: ClassVar[str] = "dmvae.autoencoder:DMVAE"
-    #: Fields a saved ``config.json`` must state: without them the latents would silently be
-    #: normalised with 0 / 1 (see :meth:`ConfigMixin.load`).
-    required_in_file: ClassVar[tuple[str, ...]] = ("latent_mean", "latent_scale")
-
-    # Training resolution in pixels. Fixes the stored pos-embed grid ((image_size/patch_size)^2
-    # positions + the CLS token); other sizes (multiples of patch_size) work at inference through
-    # bicubic pos-embed resampling.
-    image_size: int = 256
-    # timm model name of the ViT encoder (architecture only; weights come from the checkpoint or
-    # DMVAE.init_encoder_from_pretrained).
-    encoder: str = "vit_large_patch14_dinov2.lvd142m"
-    # Extra kwargs for timm.create_model (e.g. embed_dim / depth / num_heads for small test
-    # models). patch_size, img_size, num_classes, pretrained and dynamic_img_size are set by DMVAE.
-    encoder_kwargs: dict[str, Any] = field(default_factory=dict)
-    # ViT patch size = pixels per latent position. The DINOv2 14-px kernel is resampled to 16.
-    # Must equal the decoder's upsampling factor 2 ** len(decoder_channel_mult).
-    patch_size: int = 16
-    # Hidden width of the MLP bottleneck Linear(D, bottleneck_dim) -> SiLU -> Linear(., z).
-    bottleneck_dim: int = 2048
-    # Latent channels z (32 for the release; the LightningDiT's in_channels).
-    z_channels: int = 32
-    # Base width of the decoder; level i has decoder_channels * decoder_channel_mult[i] channels
-    # (every such width must be divisible by 32, the GroupNorm group count).
-    decoder_channels: int = 128
-    # Per-level width multipliers of the decoder, from full resolution (level 0) upwards.
-    decoder_channel_mult: tuple[int, ...] = (1, 2, 4, 4)
-    # ResNet blocks per decoder level is decoder_num_res_blocks + 1 (the Flux convention).
-    decoder_num_res_blocks: int = 2
-    # Latent normalisation z_n = (z - latent_mean) * latent_scale. 0 / 1 = identity (compute
-    # them from data for a new model; the release uses 0.0685 / 0.1763).
-    latent_mean: float = 0.0
-    latent_scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        if isinstance(self.decoder_channel_mult, list):
-            self.decoder_channel_mult = tuple(self.decoder_channel_mult)
-        for name in ("image_size", "patch_size", "bottleneck_dim", "z_channels", "decoder_channels"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"DMVAEConfig.{name} must be a positive int, got {value!r}")
-        if (
-            isinstance(self.decoder_num_res_blocks, bool)
-            or not isinstance(self.decoder_num_res_blocks, int)
-            or self.decoder_num_res_blocks < 0
-        ):
-            raise ValueError(
-                f"DMVAEConfig.decoder_num_res_blocks must be an int >= 0, got {self.decoder_num_res_blocks!r}"
-            )
-        if not isinstance(self.encoder, str) or not self.encoder:
-            raise ValueError(f"DMVAEConfig.encoder must be a timm model name, got {self.encoder!r}")
-        if not isinstance(self.encoder_kwargs, dict):
-            raise ValueError(
-                f"DMVAEConfig.encoder_kwargs must be a dict, got {type(self.encoder_kwargs).__name__}"
-            )
-        clash = sorted(RESERVED_TIMM_KWARGS & set(self.encoder_kwargs))
-        if clash:
-            raise ValueError(
-                f"DMVAEConfig.encoder_kwargs may not set {clash}; use the config fields "
-                "patch_size / image_size instead (DMVAE sets the others itself)"
-            )
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"DMVAEConfig.image_size must be a multiple of patch_size={self.patch_size}, "
-                f"got {self.image_size}"
-            )
-        mult = self.decoder_channel_mult
-        if (
-            not isinstance(mult, tuple)
-            or not mult
-            or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in mult)
-        ):
-            raise ValueError(
-                f"DMVAEConfig.decoder_channel_mult must be a non-empty tuple of positive ints, got {mult!r}"
-            )
-        if 2 ** len(mult) != self.patch_size:
-            raise ValueError(
-                f"the decoder upsamples by 2 ** len(decoder_channel_mult) = {2 ** len(mult)} but "
-                f"patch_size is {self.patch_size}; they must be equal (e.g. 4 levels for patch 16)"
-            )
-        bad = [self.decoder_channels * m for m in mult if (self.decoder_channels * m) % 32]
-        if bad:
-            raise ValueError(
-                f"decoder widths decoder_channels * decoder_channel_mult = {bad} are not divisible "
-                "by 32 (the GroupNorm group count)"
-            )
-        for name in ("latent_mean", "latent_scale"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"DMVAEConfig.{name} must be a finite number, got {value!r}")
-            setattr(self, name, float(value))
-        if self.latent_scale == 0.0:
-            raise ValueError("DMVAEConfig.latent_scale must be non-zero (it multiplies the latents)")
-
-    @property
-    def latent_size(self) -> int:
-        """Latent grid side at the training resolution (``image_size // patch_size``)."""
-        return self.image_size // self.patch_size
-
-
-
-# ---- presets: tiny named functions in the one model registry (dmvae._registry.MODELS) -----------
-
-_PRESETS = MODELS.entries  # every model family's presets; DMVAE ones return a DMVAEConfig
-
-
-@MODELS.register("dmvae-l")
-def _dmvae_l() -> DMVAEConfig:
-    """The release model (HF ``sen-ye/dmvae``, ``vae.pt``): DINOv2-L/16 encoder, z=32, latent
-    statistics from the README."""
-    return DMVAEConfig(
-        encoder="vit_large_patch14_dinov2.lvd142m",
-        z_channels=32,
-        latent_mean=0.0685,
-        latent_scale=0.1763,
-    )
-
-
-@MODELS.register("dmvae-b")
-def _dmvae_b() -> DMVAEConfig:
-    """DINOv2-B/16 encoder, z=16 (the reference class defaults); identity latent statistics."""
-    return DMVAEConfig(encoder="vit_base_patch14_dinov2.lvd142m", z_channels=16)
-
-
-@MODELS.register("dmvae-tiny")
-def _dmvae_tiny() -> DMVAEConfig:
-    """The shrunk configuration of the upstream golden fixtures (96-d/2-block ViT, z=8,
-    decoder 32 x (1,2,2,2), 1+1 blocks per level); for tests, random weights only."""
-    return DMVAEConfig(
-        encoder="vit_base_patch14_dinov2.lvd142m",
-        encoder_kwargs={"embed_dim": 96, "depth": 2, "num_heads": 2},
-        bottleneck_dim=128,
-        z_channels=8,
-        decoder_channels=32,
-        decoder_channel_mult=(1, 2, 2, 2),
-        decoder_num_res_blocks=1,
-    )
-
-
-def list_presets() -> list[str]:
-    """Names accepted by :meth:`DMVAEConfig.from_preset` (and wherever a preset name is taken)."""
-    return DMVAEConfig.preset_names()
-
-
-# ################################################################################################
-#                                     Layout helpers
-# ################################################################################################
-
-
-def tokens_to_grid(tokens: Tensor, height: int | None = None, width: int | None = None) -> Tensor:
-    """(B, N, C) reference token layout -> (B, C, h, w) grid, row-major (``b (h w) c -> b c h w``).
-    Without ``height``/``width`` the grid must be square."""
-    if tokens.ndim != 3:
-        raise ValueError(f"expected tokens of shape (B, N, C), got {tuple(tokens.shape)}")
-    n = tokens.shape[1]
-    if height is None and width is None:
-        side = math.isqrt(n)
-        if side * side != n:
-            raise ValueError(
-                f"{n} tokens do not form a square grid; pass height= and width= explicitly"
-            )
-        height = width = side
-    elif height is None or width is None:
-        height = height if height is not None else n // width  # type: ignore[operator]
-        width = width if width is not None else n // height
-    if height * width != n:
-        raise ValueError(f"a {height}x{width} grid needs {height * width} tokens, got {n}")
-    return rearrange(tokens, "b (h w) c -> b c h w", h=height, w=width).contiguous()
-
-
-def grid_to_tokens(grid: Tensor) -> Tensor:
-    """(B, C, h, w) grid -> (B, h*w, C) tokens, row-major (the reference's layout)."""
-    if grid.ndim != 4:
-        raise ValueError(f"expected a latent grid of shape (B, C, h, w), got {tuple(grid.shape)}")
-    return rearrange(grid, "b c h w -> b (h w) c")
-
 
 # ################################################################################################
 #                                          Model
@@ -311,6 +125,8 @@ class DMVAE(nn.Module, HubMixin):
         self.slice_size: int | None = None
         # Reject inputs outside [-1.5, 1.5] (costs one min/max reduction per call).
         self.check_input_range: bool = True
+        # Tiled decoding: None = off; (tile, overlap, context) in latent positions (enable_tiling).
+        self.tiling: tuple[int, int, int] | None = None
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -398,6 +214,39 @@ class DMVAE(nn.Module, HubMixin):
         self.slice_size = None
         return self
 
+    def enable_tiling(
+        self, tile_size: int | None = None, overlap: int | None = None, context: int | None = None
+    ) -> DMVAE:
+        """Decode latent grids larger than ``tile_size`` in overlapping tiles blended linearly
+        (:mod:`dmvae.tiling`), so decoder memory grows with the tile, not the image.
+
+        Args:
+            tile_size: tile side in latent positions (default: twice the training grid,
+                ``2 * image_size / patch_size``: 512-px tiles for ``dmvae-l``).
+            overlap: latent positions shared by neighbouring tiles (default ``tile_size // 4``).
+            context: latent positions decoded around each tile and discarded (default
+                ``overlap``); more context, closer to a whole decode, more compute.
+
+        Tiled output differs from a whole decode near tile borders (the decoder's receptive field
+        and mid-block attention see less context); see ``docs/autoencoder.md`` for the measured
+        difference. Encoding is never tiled.
+        """
+        tile = 2 * self.config.latent_size if tile_size is None else tile_size
+        if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
+            raise ValueError(f"tile_size must be a positive int (latent positions), got {tile!r}")
+        ov = tile // 4 if overlap is None else overlap
+        if isinstance(ov, bool) or not isinstance(ov, int) or not 0 <= ov < tile:
+            raise ValueError(f"overlap must be an int in [0, tile_size={tile}), got {ov!r}")
+        ctx = ov if context is None else context
+        if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 0:
+            raise ValueError(f"context must be an int >= 0, got {ctx!r}")
+        self.tiling = (tile, ov, ctx)
+        return self
+
+    def disable_tiling(self) -> DMVAE:
+        self.tiling = None
+        return self
+
     def compile(  # type: ignore[override]
         self,
         *,
@@ -474,81 +323,13 @@ class DMVAE(nn.Module, HubMixin):
         """``z = z_n / latent_scale + latent_mean`` (the inverse of :meth:`normalize_latents`)."""
         return latents / self.config.latent_scale + self.config.latent_mean
 
-    # ---- input checks -------------------------------------------------------------------------------
+    # ---- input checks (dmvae.autoencoder_inputs) ---------------------------------------------------
 
     def _check_images(self, images: Any) -> Tensor:
-        if not isinstance(images, Tensor):
-            raise TypeError(
-                f"expected images as a torch.Tensor of shape (B, 3, H, W) in [-1, 1], got "
-                f"{type(images).__name__} (use dmvae.image.pil_to_tensor for PIL/numpy images)"
-            )
-        if images.ndim != 4:
-            hint = " (add a batch dimension with images.unsqueeze(0))" if images.ndim == 3 else ""
-            raise ValueError(
-                f"expected images of shape (B, 3, H, W), got a {images.ndim}-D tensor of shape "
-                f"{tuple(images.shape)}{hint}"
-            )
-        if images.shape[1] != 3:
-            hint = (
-                " (channels-last? use images.permute(0, 3, 1, 2))" if images.shape[-1] == 3 else ""
-            )
-            raise ValueError(
-                f"expected 3 image channels at dim 1, (B, 3, H, W), got shape {tuple(images.shape)}{hint}"
-            )
-        if not images.is_floating_point():
-            raise TypeError(
-                f"expected floating-point images in [-1, 1], got dtype {images.dtype} "
-                "(for uint8 images use images.float() / 127.5 - 1, or dmvae.image.pil_to_tensor)"
-            )
-        height, width = images.shape[-2:]
-        p = self.config.patch_size
-        if height % p or width % p:
-            raise ValueError(
-                f"image height and width must be multiples of the patch size {p}, got {height}x{width} "
-                f"(crop or resize, e.g. to {max(p, height // p * p)}x{max(p, width // p * p)}; "
-                "dmvae.image.center_crop_arr does ADM's centre crop)"
-            )
-        if self.check_input_range and images.numel() > 0:
-            lo, hi = (v.item() for v in torch.aminmax(images.detach()))
-            if not (lo >= -INPUT_RANGE_LIMIT and hi <= INPUT_RANGE_LIMIT):
-                hint = (
-                    "non-finite values (NaN/inf) in the input"
-                    if not (math.isfinite(lo) and math.isfinite(hi))
-                    else "[0, 255] images? use x / 127.5 - 1"
-                    if hi > 2.0
-                    else "images must be scaled to [-1, 1] ([0, 1] images: use 2 * x - 1)"
-                )
-                raise ValueError(
-                    f"expected images in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]: {hint}. "
-                    "(Set model.check_input_range = False to skip this check.)"
-                )
-        return images
+        return check_images(images, self.config.patch_size, check_range=self.check_input_range)
 
     def _check_latents(self, latents: Any) -> Tensor:
-        if not isinstance(latents, Tensor):
-            raise TypeError(
-                f"expected latents as a torch.Tensor of shape (B, {self.config.z_channels}, h, w), "
-                f"got {type(latents).__name__}"
-            )
-        if not latents.is_floating_point():
-            raise TypeError(f"expected floating-point latents, got dtype {latents.dtype}")
-        z = self.config.z_channels
-        if latents.ndim == 3:  # the reference's token layout (B, N, z) with a square grid
-            if latents.shape[-1] != z:
-                raise ValueError(
-                    f"expected latent tokens of shape (B, N, {z}), got {tuple(latents.shape)}"
-                )
-            return tokens_to_grid(latents)
-        if latents.ndim != 4:
-            raise ValueError(
-                f"expected latents of shape (B, {z}, h, w) (or tokens (B, N, {z})), got a "
-                f"{latents.ndim}-D tensor of shape {tuple(latents.shape)}"
-            )
-        if latents.shape[1] != z:
-            raise ValueError(
-                f"expected {z} latent channels at dim 1, (B, {z}, h, w), got shape {tuple(latents.shape)}"
-            )
-        return latents
+        return check_latents(latents, self.config.z_channels)
 
     # ---- core computation -----------------------------------------------------------------------------
 
@@ -575,6 +356,9 @@ class DMVAE(nn.Module, HubMixin):
     ) -> Tensor:
         """The encoder's patch tokens (B, (H/p)(W/p), D) before the bottleneck, float32."""
         x = self._check_images(images).to(device=self.device, dtype=self.dtype)
+        if x.shape[0] == 0:
+            n = (x.shape[-2] // self.config.patch_size) * (x.shape[-1] // self.config.patch_size)
+            return x.new_zeros((0, n, self.encoder.embed_dim), dtype=torch.float32)
         with self._autocast(autocast):
             return self._chunked(lambda c: self.encoder(c).float(), x, chunk_size)
 
@@ -598,6 +382,8 @@ class DMVAE(nn.Module, HubMixin):
                 in bf16 on GPU).
         """
         x = self._check_images(images).to(device=self.device, dtype=self.dtype)
+        if x.shape[0] == 0:  # like decode: an empty batch gives an empty result
+            return x.new_zeros((0, *self.latent_shape(*x.shape[-2:])), dtype=torch.float32)
         with self._autocast(autocast):
             z = self._chunked(self._encode_raw, x, chunk_size)  # (B, z, h, w)
         return self.normalize_latents(z) if normalize else z
@@ -628,8 +414,14 @@ class DMVAE(nn.Module, HubMixin):
         # torch's CPU conv/GroupNorm down their channels-last kernels, measured ~10x further from
         # a float64 evaluation (4e-5 vs 4e-6 on the golden fixtures) than the reference.
         z = z.to(self.dtype).contiguous()
+        decode_one: Callable[[Tensor], Tensor] = lambda c: self.decoder(c).float()  # noqa: E731
+        if self.tiling is not None:
+            tile, overlap, context = self.tiling
+            decode_whole = decode_one
+            decode_one = lambda c: tiled_decode(  # noqa: E731
+                decode_whole, c, tile=tile, overlap=overlap, scale=self.config.patch_size, context=context)
         with self._autocast(autocast):
-            return self._chunked(lambda c: self.decoder(c).float(), z, chunk_size)
+            return self._chunked(decode_one, z, chunk_size)
 
     def forward(
         self, images: Tensor, *, chunk_size: int | None = None, autocast: bool = False
@@ -646,20 +438,30 @@ class DMVAE(nn.Module, HubMixin):
     @torch.no_grad()
     def reconstruct(
         self,
-        images: Image.Image | Sequence[Image.Image],
+        images: Image.Image | str | os.PathLike[str] | Tensor | Sequence[Image.Image | str | os.PathLike[str]],
         *,
+        output_type: Literal["pil", "pt"] | None = None,
         chunk_size: int | None = None,
         autocast: bool = False,
-    ) -> list[Image.Image]:
-        """PIL image(s) -> reconstructed PIL images at ``image_size`` (ADM centre crop, encode,
-        decode, ``uint8 = clamp(127.5 x + 128)`` truncated)."""
-        from dmvae.image import pil_to_tensor, tensor_to_pil
+    ) -> list[Image.Image] | Tensor:
+        """Encode and decode images.
 
-        x = pil_to_tensor(images, size=self.config.image_size)  # (B, 3, S, S) in [-1, 1]
-        recon = self.decode(
-            self.encode(x, normalize=False, chunk_size=chunk_size, autocast=autocast),
-            normalize=False,
-            chunk_size=chunk_size,
-            autocast=autocast,
-        )
+        Args:
+            images: PIL image(s), image file path(s) or uint8 arrays (each ADM-centre-cropped to
+                ``image_size``), or a float tensor (B, 3, H, W) / (3, H, W) in [-1, 1] (used as
+                is; H, W multiples of the patch size).
+            output_type: ``"pil"`` (a list of RGB images; ``uint8 = clamp(127.5 x + 128)``
+                truncated) or ``"pt"`` (the (B, 3, H, W) float32 tensor); default: a tensor for
+                tensor input, PIL images otherwise.
+            chunk_size, autocast: as in :meth:`encode`.
+        """
+        from dmvae.image import tensor_to_pil
+
+        if output_type not in (None, "pil", "pt"):
+            raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
+        x, from_tensor = as_image_batch(images, self.config.image_size)  # (B, 3, H, W) in [-1, 1]
+        kw: dict[str, Any] = dict(normalize=False, chunk_size=chunk_size, autocast=autocast)
+        recon = self.decode(self.encode(x, **kw), **kw)
+        if (output_type or ("pt" if from_tensor else "pil")) == "pt":
+            return recon
         return tensor_to_pil(recon)
