@@ -77,7 +77,8 @@ def save_figure(
         "reference p_r (S-shape samples)",
         "start\n" + _stats(e0, c0, floor),
         f"result ({run.objective if run else 'dm'})\n" + _stats(e1, c1, floor),
-        f"update field -g at t = {field_t}",
+        f"DM update field at t = {field_t}, after 10 % of the steps\n"
+        "red arrows: -g, where the loss moves a point there",
     ]
     fig = _figure(4)
     if fig is None:
