@@ -40,7 +40,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from dmvae.image import center_crop_arr, folder_class_labels, list_images, pil_to_rgb
+from dmvae.image import center_crop_arr, folder_class_labels, list_images, load_image, pil_to_rgb
 
 __all__ = [
     "SKIMAGE_PHOTOS",
@@ -114,15 +114,6 @@ def to_model_input(images: torch.Tensor, device: torch.device | str | None = Non
 # ################################################################################################
 
 
-def _open_rgb(path: str | os.PathLike[str]) -> Image.Image:
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return pil_to_rgb(img)
-    except (OSError, Image.DecompressionBombError) as e:
-        raise ValueError(f"could not read {path} as an image: {e}") from e
-
-
 def _skimage_photo(name: str) -> Image.Image:
     from skimage import data
 
@@ -155,7 +146,7 @@ class ImageDataset(Dataset):
 
     def load(self, index: int) -> Image.Image:
         """The RGB image of sample ``index`` before the transform."""
-        return _open_rgb(self.samples[index][0])
+        return load_image(self.samples[index][0])
 
     def __getitem__(self, key: Key) -> tuple[torch.Tensor, int]:
         index, seed = (key, None) if isinstance(key, (int, np.integer)) else key
@@ -312,7 +303,7 @@ class TrainImages:
         if isinstance(f, str):
             im = _skimage_photo(f)
         else:
-            im = _open_rgb(f)
+            im = load_image(f)
         w, h = im.size
         s = self.short_side / min(w, h)
         im = im.resize((max(self.short_side, round(w * s)), max(self.short_side, round(h * s))), Image.LANCZOS)
