@@ -56,7 +56,7 @@ def no_model(monkeypatch):
 
 def test_reconstruct_refuses_existing_pngs(classes, tmp_path, no_model, capsys) -> None:
     (tmp_path / "b.png").write_bytes(b"mine")
-    assert _run("reconstruct", str(classes), "-o", str(tmp_path), "--size", "32") == 1
+    assert _run("reconstruct", str(classes), "-o", str(tmp_path), "--image-size", "32") == 1
     assert "b.png" in capsys.readouterr().err and (tmp_path / "b.png").read_bytes() == b"mine"
 
 
@@ -112,7 +112,7 @@ def test_read_only_directory_is_refused_before_the_work(classes, tmp_path, no_mo
     monkeypatch.setattr(_common.os, "access",
                         lambda p, mode: False if Path(p) == tmp_path / "ro" else real(p, mode))  # fmt: skip
     (tmp_path / "ro").mkdir()
-    assert _run("reconstruct", str(classes), "-o", str(tmp_path / "ro"), "--size", "32") == 1
+    assert _run("reconstruct", str(classes), "-o", str(tmp_path / "ro"), "--image-size", "32") == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(tmp_path / "ro") in err and "permission" in err
 
@@ -125,7 +125,7 @@ def test_full_disk_during_the_write_is_one_line_naming_the_file(classes, tiny, t
 
     monkeypatch.setattr(_io, "atomic_save_safetensors", full)
     out = tmp_path / "z.safetensors"
-    assert _run("encode", str(classes), "-o", str(out), "--model", str(tiny), "--size", "32") == 1
+    assert _run("encode", str(classes), "-o", str(out), "--model", str(tiny), "--image-size", "32") == 1
     err = capsys.readouterr().err
     assert err.strip() == f"dmvae encode: error: No space left on device: {out}"
 
@@ -135,7 +135,7 @@ def test_full_disk_during_the_write_is_one_line_naming_the_file(classes, tiny, t
 
 def test_encode_writes_labels_and_relative_names_decode_reads_them(classes, tiny, tmp_path) -> None:
     lat = tmp_path / "z.safetensors"
-    assert _run("encode", str(classes), "-o", str(lat), "--model", str(tiny), "--size", "32") == 0
+    assert _run("encode", str(classes), "-o", str(lat), "--model", str(tiny), "--image-size", "32") == 0
     with safe_open(lat, framework="pt") as f:
         meta = f.metadata()
         labels = f.get_tensor("labels")
@@ -147,7 +147,7 @@ def test_encode_writes_labels_and_relative_names_decode_reads_them(classes, tiny
 
 def test_flat_folder_has_no_labels(classes, tiny, tmp_path) -> None:
     lat = tmp_path / "z.safetensors"
-    assert _run("encode", str(classes / "cat"), "-o", str(lat), "--model", str(tiny), "--size", "32") == 0
+    assert _run("encode", str(classes / "cat"), "-o", str(lat), "--model", str(tiny), "--image-size", "32") == 0
     with safe_open(lat, framework="pt") as f:
         assert "labels" not in f.keys() and json.loads(f.metadata()["files"]) == ["a.png", "b.png"]
 
@@ -171,12 +171,12 @@ def test_invalid_metadata_json_names_file_and_field(tiny, tmp_path, capsys) -> N
 
 
 def test_reconstruct_says_when_it_upscales(classes, tiny, tmp_path, capsys) -> None:
-    assert _run("reconstruct", str(classes / "dog"), "-o", str(tmp_path), "--model", str(tiny), "--size", "64") == 0
+    assert _run("reconstruct", str(classes / "dog"), "-o", str(tmp_path), "--model", str(tiny), "--image-size", "64") == 0
     captured = capsys.readouterr()
     assert "48x40" in captured.err and "upscaled" in captured.err and "PSNR" in captured.out
     assert Image.open(tmp_path / "c.png").size == (64, 64)
     assert _run("reconstruct", str(classes / "dog"), "-o", str(tmp_path / "b"), "--model", str(tiny),
-                "--size", "32") == 0  # fmt: skip
+                "--image-size", "32") == 0  # fmt: skip
     assert "upscaled" not in capsys.readouterr().err
 
 

@@ -67,7 +67,8 @@ def test_help_shows_defaults_and_hides_old_spellings(command: str, capsys, monke
     with pytest.raises(SystemExit):
         main([command, "--help"])
     text = capsys.readouterr().out
-    for old in ("--preset", "--use-ema", "--vae-preset", "--vae-ema", "--no-progress", "--dit-raw", "--npz "):
+    for old in ("--preset", "--use-ema", "--vae-preset", "--vae-ema", "--no-progress", "--dit-raw", "--npz ",
+                "--size "):
         assert old not in text
     if command != "info":
         assert "(default:" in text
@@ -79,6 +80,7 @@ def test_help_shows_defaults_and_hides_old_spellings(command: str, capsys, monke
     "command,old,dest,value",
     [
         (["reconstruct", "x.png", "-o", "o"], ["--preset", "dmvae-l"], "config", "dmvae-l"),
+        (["reconstruct", "x.png", "-o", "o"], ["--size", "64"], "image_size", 64),
         (["encode", "x.png", "-o", "o.safetensors"], ["--use-ema"], "ema", True),
         (["eval-recon", "--data", "d"], ["--use-ema"], "ema", True),
         (["eval-recon", "--data", "d"], ["--no-progress"], "quiet", True),

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dmvae.cli._common import (
+    add_alias,
     add_model_args,
     add_output_args,
     add_parser,
@@ -34,7 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("images", nargs="+", help="image files or directories")
     add_output_args(p, what="output directory")
-    p.add_argument("--size", type=int_range(1), default=None, help="crop size (default: the model's image_size)")
+    p.add_argument("--image-size", type=int_range(1), default=None,
+                   help="centre-crop size (default: the model's image_size)")
+    add_alias(p, "--size", "--image-size", dest="image_size", type=int_range(1))
     p.add_argument("--batch-size", type=int_range(1), default=8, help="images per model call")
     add_model_args(p)
     p.set_defaults(func=run_reconstruct)
@@ -51,7 +54,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("images", nargs="+", help="image files or directories")
     add_output_args(p, what="output .safetensors file")
-    p.add_argument("--size", type=int_range(1), default=None, help="crop size (default: the model's image_size)")
+    p.add_argument("--image-size", type=int_range(1), default=None,
+                   help="centre-crop size (default: the model's image_size)")
+    add_alias(p, "--size", "--image-size", dest="image_size", type=int_range(1))
     p.add_argument("--raw", action="store_true", help="store raw (un-normalised) latents")
     p.add_argument("--batch-size", type=int_range(1), default=8, help="images per model call")
     add_model_args(p)
@@ -121,7 +126,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     names = [_unique(p.stem, taken) + ".png" for p in paths]
     out = check_output_files(args.out, names, overwrite=args.overwrite)  # before loading the model
     model = load_autoencoder(args)
-    size = args.size or model.config.image_size
+    size = args.image_size or model.config.image_size
     out.mkdir(parents=True, exist_ok=True)
     with torch.no_grad(), tqdm(total=len(paths), desc="reconstruct", unit="img", disable=args.quiet) as bar:
         for chunk in batched(list(range(len(paths))), args.batch_size):
@@ -183,7 +188,7 @@ def run_encode(args: argparse.Namespace) -> int:
     paths, rel, labels, classes = _relative_names(args.images)
     out = check_output_file(args.out, overwrite=args.overwrite)
     model = load_autoencoder(args)
-    size = args.size or model.config.image_size
+    size = args.image_size or model.config.image_size
     latents = []
     with torch.no_grad(), tqdm(total=len(paths), desc="encode", unit="img", disable=args.quiet) as bar:
         for chunk in batched(paths, args.batch_size):
