@@ -92,7 +92,7 @@ def test_parse_hf_uri_and_resolve_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"LPIPS weights not found: .*nope.pth"):
         _io.resolve_file(tmp_path / "nope.pth", what="LPIPS weights")
     # offline (the test session sets HF_HUB_OFFLINE=1): cache only, and the error says so
-    with pytest.raises(FileNotFoundError, match=r"not in the local cache.*not reachable"):
+    with pytest.raises(FileNotFoundError, match=r"not in the local cache.*the Hub is unreachable"):
         _io.resolve_file("hf://nobody/nothing/file.pth", what="weights")
 
 
@@ -121,6 +121,6 @@ def test_missing_local_path_fails_fast_naming_both_places(tmp_path: Path, env: d
                          capture_output=True, text=True, timeout=60)
     assert "ERR" in res.stdout, res.stdout + res.stderr
     assert "no local directory or file 'out/dmvae-l'" in res.stdout
-    assert "the Hub repo 'out/dmvae-l' is not in the local cache" in res.stdout
-    assert "not reachable" in res.stdout
+    assert "the Hugging Face Hub repo 'out/dmvae-l' is not in the local cache" in res.stdout
+    assert "the Hub is unreachable" in res.stdout
     assert "Retrying" not in res.stderr  # huggingface_hub's network retry loop never ran

@@ -326,7 +326,7 @@ def hub_status(local_files_only: bool | None = None) -> tuple[bool, str]:
         return False, "huggingface_hub is not installed"
     endpoint = _endpoint()
     if not _probe(endpoint):
-        return False, f"the Hub is unreachable ({endpoint} did not answer within {PROBE_TIMEOUT_S:g} s)"
+        return False, f"{endpoint} did not answer within {PROBE_TIMEOUT_S:g} s"
     return True, ""
 
 
@@ -411,13 +411,13 @@ class Location:
         local = "" if self.source.startswith("hf://") else f"there is no local directory or file {self.source!r}, and "
         if online:
             return FileNotFoundError(
-                f"{local}the Hub repo {self.repo_id!r} has none of {tried} (or does not exist, or is "
-                "private: pass token=)"
+                f"{local}the Hugging Face Hub repo {self.repo_id!r} has none of {tried} (or does not "
+                "exist, or is private: pass token=)"
             )
         return FileNotFoundError(
-            f"{local}the Hub repo {self.repo_id!r} is not in the local cache with any of {tried} and the "
-            f"Hub is not reachable ({why}). Pass an existing local path, or download the repo on a "
-            f"machine with internet access (huggingface-cli download {self.repo_id})."
+            f"{local}the Hugging Face Hub repo {self.repo_id!r} is not in the local cache (looked for "
+            f"{tried}) and the Hub is unreachable ({why}). Pass an existing local path, or download "
+            f"the repo on a machine with internet access (huggingface-cli download {self.repo_id})."
         )
 
 

@@ -142,43 +142,28 @@ def convert_lpips_state_dict(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _read_file(path: Path) -> dict[str, Tensor]:
-    from dmvae.hub import CheckpointError, read_safetensors, read_torch_checkpoint
+    """A flat state dict from a weights file, through the library's safe readers."""
+    from dmvae._io import CheckpointError, read_state_dict_file
 
     if not path.is_file():
         raise LPIPSWeightsError(f"LPIPS weights file not found: {path}")
-    try:  # the library's safe readers: safetensors, or torch.load(weights_only=True)
-        obj = read_safetensors(path) if path.suffix == ".safetensors" else read_torch_checkpoint(path)
+    try:  # safetensors, or torch.load(weights_only=True); {"state_dict": ...} is unwrapped
+        return read_state_dict_file(path)
     except CheckpointError as e:
         raise LPIPSWeightsError(f"could not read LPIPS weights {path}: {e}") from e
-    if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise LPIPSWeightsError(
-            f"{path} should hold a flat dict of tensors (a state dict), got {type(obj).__name__}"
-        )
-    return dict(obj)
 
 
 def _resolve_source(src: WeightsSource) -> tuple[dict[str, Tensor], str]:
+    from dmvae._io import resolve_file
+
     if isinstance(src, Mapping):
         return dict(src), "<state dict>"
     s = os.fspath(src)
-    if s.startswith("hf://"):
-        parts = s[len("hf://") :].split("/")
-        if len(parts) < 3:
-            raise ValueError(f"expected 'hf://owner/repo/path/to/file', got {s!r}")
-        repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
-        from huggingface_hub import hf_hub_download
-
-        try:
-            local = hf_hub_download(repo_id, filename)
-        except Exception as e:
-            raise LPIPSWeightsError(
-                f"could not get {filename!r} from the Hugging Face repo {repo_id!r} "
-                f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {e}"
-            ) from e
-        return _read_file(Path(local)), s
-    return _read_file(Path(s).expanduser()), s
+    try:  # a local path or hf://owner/repo/file (cache only when the Hub is unreachable)
+        path = resolve_file(s, what="LPIPS weights")
+    except FileNotFoundError as e:
+        raise LPIPSWeightsError(str(e)) from e
+    return _read_file(path), s
 
 
 def _torchvision_cache_file() -> Path:
