@@ -262,13 +262,14 @@ def _inline_commands(page: Path) -> list[Command]:
     """Commands in inline code and plain/text blocks: synopses, checked for names only."""
     out: list[Command] = []
     lines = page.read_text(encoding="utf-8").splitlines()
-    fenced = {b.line + i for b in extract_blocks(page) if b.lang in SHELL_LANGS
-              for i in range(-1, len(b.code.splitlines()) + 1)}
+    blocks = [b for b in extract_blocks(page) if not b.hidden]
+    shell = {b.line + i for b in blocks if b.lang in SHELL_LANGS for i in range(-1, len(b.code.splitlines()) + 1)}
+    plain = {b.line + i for b in blocks if b.lang in ("", "text") for i in range(len(b.code.splitlines()))}
     for n, line in enumerate(lines, 1):
-        if n in fenced:
+        if n in shell:
             continue
         texts = _INLINE.findall(line)
-        if not texts and re.match(r"^\s*(\.venv/bin/)?dmvae [a-z]", line):
+        if not texts and n in plain and re.match(r"^\s*(\.venv/bin/)?dmvae [a-z]", line):
             texts = [line.split("#")[0]]  # a synopsis line of a text block
         for text in texts:
             tokens = text.replace("[", " ").replace("]", " ").replace("|", " ").split()
