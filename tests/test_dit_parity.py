@@ -87,3 +87,24 @@ def test_release_manifest_on_meta_device(fixtures_dir, name, manifest):
     index = json.loads((fixtures_dir / "manifests" / "index.json").read_text())["files"][manifest]
     assert sum(p.numel() for p in model.parameters()) == index["num_parameters"]
     assert {k for k, _ in model.named_buffers()} == set(index["non_parameter_entries"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("regional", [True, False], ids=["regional", "whole"])
+def test_forward_and_cfg_parity_compiled(dit_dir, config, inputs, max_abs, regional):
+    """The same fixtures with ``LatentDiT.compile()`` (inductor) on: within TOL as well."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = LatentDiT.from_pretrained(dit_dir / "ckpt.pt", config=config, use_ema=True).compile(regional=regional)
+    ref = load_file(dit_dir / "outputs_ema.safetensors")
+    cx, ct, cy = inputs["cfg_x"], inputs["cfg_t"], inputs["cfg_y"]
+    try:
+        with torch.no_grad():
+            assert max_abs(model(inputs["x"], inputs["t"], inputs["y"]), ref["forward"]) <= TOL
+            assert max_abs(model.forward_with_cfg(cx, ct, cy, 4.0), ref["cfg_standard"]) <= TOL
+            for case in ("lo", "hi", "eq"):
+                out = model.forward_with_cfg(cx, inputs[f"cfg_t_{case}"], cy, 4.0, cfg_interval=(0.3, 1.0))
+                assert max_abs(out, ref[f"cfg_interval_{case}"]) <= TOL, case
+    finally:
+        torch._dynamo.reset()
