@@ -9,39 +9,49 @@ import argparse
 import json
 from pathlib import Path
 
+from dmvae.cli._common import add_parser, add_quiet_arg, float_range, int_range
+
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
+    p = add_parser(
+        subparsers,
         "demo",
         help="2-D distribution-matching demo (paper Fig. 3), offline on the CPU",
         description=(
-            "Fits a small LatentDiT real score to S-shape samples, aligns 1,536 points drawn "
-            "uniformly on [-1.5, 1.5]^2 with the DM loss (fake score every step, points every k "
-            "steps), and prints energy distance and coverage before/after next to the two-sample "
-            "floor. --compare also runs the other objectives of the paper's 2-D study and draws "
-            "them side by side in compare.png (paper Fig. 3)."
+            "Fits a small LatentDiT real score to S-shape samples, aligns 1,536 points drawn\n"
+            "uniformly on [-1.5, 1.5]^2 with the DM loss (fake score every step, points every k\n"
+            "steps), and prints energy distance and coverage before/after next to the two-sample\n"
+            "floor. Writes demo.png (four labelled panels) and points.npy to -o/--out.\n"
+            "--compare also runs the other objectives of the paper's 2-D study and draws them\n"
+            "side by side in compare.png (paper Fig. 3)."
         ),
     )
-    p.add_argument("--steps", type=int, default=None, help="alignment steps (default 1000)")
-    p.add_argument("--teacher-steps", type=int, default=None, help="real-score fitting steps (default 1500)")
+    p.add_argument("--steps", type=int_range(1), default=None, help="alignment steps (default: 1000)")
+    p.add_argument("--teacher-steps", type=int_range(1), default=None,
+                   help="real-score fitting steps (default: 1500)")
     p.add_argument("--seed", type=int, default=0, help="seed of the score nets, noise and evaluation draws")
-    p.add_argument("--point-lr", type=float, default=None, help="Adam learning rate of the points (default 1e-2)")
-    p.add_argument("--point-every", type=int, default=None, help="update the points every k steps (default 2)")
-    p.add_argument("--eval-sets", type=int, default=None, help="reference sets averaged in the figures (default 10)")
+    p.add_argument("--point-lr", type=float_range(0, low_open=True), default=None,
+                   help="Adam learning rate of the points (default: 1e-2)")
+    p.add_argument("--point-every", type=int_range(1), default=None,
+                   help="update the points every k steps (default: 2)")
+    p.add_argument("--eval-sets", type=int_range(1), default=None,
+                   help="reference sets averaged in the figures (default: 10)")
     p.add_argument("--compare", action="store_true",
                    help="also run the other objectives of the paper's study; writes compare.png")
     p.add_argument(
         "--objectives", default=None,
-        help="comma-separated objectives for --compare (default dm,real_score,fake_score,score_diff,loss_diff)",
+        help="comma-separated objectives to compare (default: dm,real_score,fake_score,score_diff,loss_diff)",
     )
     p.add_argument(
         "-o", "--out", type=Path, default=Path("dmvae-demo"),
-        help="directory for demo.png, compare.png (with --compare) and points*.npy "
-        "(default: ./dmvae-demo; the demo's own files in it are replaced)",
+        help="directory for demo.png, compare.png and points*.npy; the demo's own files from an "
+        "earlier run are replaced",
     )
-    p.add_argument("--json", type=Path, default=None, help="write the figures as JSON to this path ('-' = stdout)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: fastest for these tiny nets)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                   help="print the figures as JSON on stdout (or write them to PATH)")
+    p.add_argument("--threads", type=int_range(1), default=1,
+                   help="torch threads (1 is fastest for these tiny nets)")
+    add_quiet_arg(p)
     p.set_defaults(func=run)
 
 
@@ -58,11 +68,8 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = {"seed": args.seed, "num_threads": args.threads}
     for name in ("steps", "teacher_steps", "point_lr", "point_every", "eval_sets"):
-        value = getattr(args, name)
-        if value is not None:
-            if not value > 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
-            overrides[name] = value
+        if getattr(args, name) is not None:  # ranges are checked by the parser
+            overrides[name] = getattr(args, name)
     cfg = Toy2DConfig(**overrides)
     objectives = ["dm"]
     if args.compare or args.objectives:
@@ -72,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         if unknown:
             raise ValueError(f"unknown objective(s) {unknown}; choose from {sorted(OBJECTIVES)}")
         objectives = ["dm"] + [o for o in objectives if o != "dm"]
-    to_stdout = args.json is not None and str(args.json) == "-"
+    to_stdout = args.json == "-"
     say = (lambda s: None) if to_stdout else print
     result = run_toy2d(cfg, objectives=objectives, progress=not (args.quiet or to_stdout), log=say)
     m = result.main
