@@ -40,6 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rows", default=",".join(ROW_KEYS), help="comma-separated subset of rows")
     p.add_argument("--image-size", type=int, default=Table1Settings.image_size,
                    help="image side in pixels (a multiple of the patch size 8)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
+                   help="change one Table1Settings field (repeatable), e.g. --set stage1_steps=800; "
+                        "the same value applies to every row")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
                    help="torch CPU threads (torch.set_num_threads)")
     p.add_argument("--overwrite", action="store_true", help="replace existing result files in --out")
@@ -59,11 +62,26 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.overwrite and any((out / f).exists() for f in OUTPUT_FILES):
         sys.exit(f"error: {out} already holds results; pass --overwrite to replace them")
     torch.set_num_threads(args.threads)
-    settings = Table1Settings(image_size=args.image_size, **(QUICK if args.quick else {}))
+    try:
+        settings = Table1Settings(image_size=args.image_size, **(QUICK if args.quick else {}))
+        settings = settings.with_overrides(args.overrides)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     n_seeds = args.seeds if args.seeds is not None else (1 if args.quick else 3)
     if n_seeds < 1:
         sys.exit(f"error: --seeds must be >= 1, got {n_seeds}")
-    result = run_table1(settings, data=args.data, seeds=list(range(n_seeds)), rows=rows, quiet=args.quiet)
+    partial: dict[str, dict] = {}
+
+    def save_partial(seed: int, rows_of_seed: dict) -> None:  # progress of a long run, per seed
+        from dmvae._io import atomic_write_text
+
+        partial[str(seed)] = rows_of_seed
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "table1.partial.json",
+                          json.dumps({"settings": settings.to_dict(), "per_seed": partial}, indent=1) + "\n")
+
+    result = run_table1(settings, data=args.data, seeds=list(range(n_seeds)), rows=rows, quiet=args.quiet,
+                        on_seed=save_partial)
     result["quick"] = args.quick
     write_outputs(result, out, overwrite=args.overwrite)
     if not args.quiet:
