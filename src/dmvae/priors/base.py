@@ -171,7 +171,6 @@ def _expand(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 P = TypeVar("P", bound=Callable[..., ReferencePrior])
 #: name (lower case) -> prior class or factory; built-ins, ``register_prior`` and entry points.
 PRIORS: Registry[Callable[..., ReferencePrior]] = Registry("prior", case_sensitive=False)
-_REGISTRY = PRIORS.entries  # the same dict (older code and tests read it)
 _ENTRY_POINTS_LOADED = False
 
 
