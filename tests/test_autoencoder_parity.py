@@ -198,3 +198,32 @@ def test_failed_load_leaves_model_untouched(model: DMVAE, checkpoint: dict) -> N
     assert "decoder.conv_out.bias" in str(info.value) and "decoder.conv_in.1.weight" in str(info.value)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# ---- every optimisation on (docs/performance.md): inductor, channels-last, freezing ---------------
+
+# the fast path's contract: within 1e-4 of the fixtures (NHWC conv/GroupNorm measured ~5e-5)
+FAST_ATOL = 1e-4
+
+
+@pytest.mark.slow
+def test_parity_with_every_optimisation_on(
+    config: DMVAEConfig, checkpoint: dict, inputs: dict, vae_dir: Path, max_abs
+) -> None:
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = _loaded(DMVAE(config).eval(), checkpoint, "vae_ema")  # weights BEFORE freezing
+    model.compile(channels_last=True, freezing=True)  # inductor; encoder blocks + whole decoder
+    ref = load_file(str(vae_dir / "outputs_ema.safetensors"))
+    try:
+        with torch.no_grad():
+            z = model.encode(inputs["x"], normalize=False)
+            assert max_abs(grid_to_tokens(z), ref["encode_x"]) <= TOKEN_ATOL
+            rec = model.decode(tokens_to_grid(ref["encode_x_photo"]), normalize=False)
+            assert rec.is_contiguous() and rec.shape == (2, 3, 256, 256)
+            assert max_abs(rec, ref["decode_encode_x_photo"]) <= FAST_ATOL
+            assert max_abs(model(inputs["x"]).reconstruction, ref["forward_x"]) <= FAST_ATOL
+            assert max_abs(model.decode(inputs["z_rand"], normalize=False), ref["decode_z_rand"]) <= FAST_ATOL
+    finally:
+        torch._dynamo.reset()
