@@ -143,8 +143,11 @@ def test_outputs_are_written_and_not_overwritten(tmp_path: Path) -> None:
     write_outputs(result, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(OUTPUT_FILES)
     assert "_samples" not in json.loads((tmp_path / "table1.json").read_text())
-    # real row + 2 model rows, 2 images per row (1 per class), 16 px shown at x2 with 2-px borders
-    assert Image.open(tmp_path / "samples.png").size == (2 * 34 + 2, 3 * 34 + 2)
+    # real row + 2 model rows, 2 images per row (1 per class), 16 px shown at x2 with 2-px borders,
+    # a 110-px margin naming the rows
+    png = Image.open(tmp_path / "samples.png")
+    assert png.size == (110 + 2 * 34 + 2, 3 * 34 + 2)
+    assert np.asarray(png)[:, :110].min() < 128  # the names are drawn
     with pytest.raises(FileExistsError, match="--overwrite"):
         write_outputs(result, tmp_path)
     write_outputs(result, tmp_path, overwrite=True)
@@ -180,7 +183,7 @@ def test_quick_run_end_to_end(tmp_path: Path) -> None:
             assert math.isfinite(m["ed_restd_ae"]["mean"])
     assert set(saved["sanity"]) >= {"ae_psnr_ge_24db", "ae_sample_accuracy_ge_0.8", "all"}
     # samples.png: real + 6 rows, 10 classes x 2 images of 16 px shown at x2
-    assert Image.open(out / "samples.png").size == (20 * 34 + 2, 7 * 34 + 2)
+    assert Image.open(out / "samples.png").size == (110 + 20 * 34 + 2, 7 * 34 + 2)
     assert "| SubSSL | 1 |" in (out / "table1.md").read_text()
     # a second run into the same folder refuses to overwrite
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 from torch import Tensor
 
 __all__ = ["markdown_table", "samples_grid", "write_outputs", "OUTPUT_FILES"]
@@ -89,8 +92,8 @@ def samples_grid(real: Tensor, samples: dict[str, Tensor], per_class: int, num_c
 
 def write_outputs(result: dict, out: str | os.PathLike[str], *, overwrite: bool = False) -> list[Path]:
     """Write the three files atomically into ``out``; refuse to replace them unless ``overwrite``."""
-    from dmvae._io import atomic_write_text
-    from dmvae.image import save_image_grid
+    from dmvae._io import atomic_write_bytes, atomic_write_text
+    from dmvae.image import make_grid
 
     out = Path(out)
     paths = [out / name for name in OUTPUT_FILES]
@@ -104,6 +107,20 @@ def write_outputs(result: dict, out: str | os.PathLike[str], *, overwrite: bool 
     samples = result["_samples"]
     k = result["data"]["num_classes"]
     per_class = result["_real"].shape[0] // k
-    grid = samples_grid(result["_real"], samples, per_class, k)
-    save_image_grid(grid, paths[2], nrow=k * per_class, overwrite=True)
+    grid = make_grid(samples_grid(result["_real"], samples, per_class, k), nrow=k * per_class)
+    names = ["real (held-out)"] + [r["name"] for r in result["rows"] if r["key"] in samples]
+    buf = io.BytesIO()
+    _label_rows(grid, names).save(buf, format="PNG")
+    atomic_write_bytes(paths[2], buf.getvalue())
     return paths
+
+
+def _label_rows(grid: np.ndarray, names: list[str], width: int = 110) -> Image.Image:
+    """The grid with a white margin on the left naming each of its ``len(names)`` tile rows."""
+    canvas = Image.new("RGB", (grid.shape[1] + width, grid.shape[0]), "white")
+    canvas.paste(Image.fromarray(grid), (width, 0))
+    draw = ImageDraw.Draw(canvas)
+    step = grid.shape[0] / len(names)
+    for i, name in enumerate(names):
+        draw.text((4, int(i * step + step / 2) - 5), name, fill="black")
+    return canvas
