@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from dmvae.experiments.table1 import QUICK, ROW_KEYS, Table1Settings, run_table1
+from dmvae.experiments.table1 import QUICK, ROW_KEYS, Table1Settings, merge_results, run_table1
 from dmvae.experiments.table1_report import OUTPUT_FILES, markdown_table, write_outputs
 
 
@@ -36,6 +36,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a class-folder image set DIR/<class>/<image> (default: scikit-learn's digits)")
     p.add_argument("--seeds", type=int, default=None,
                    help="number of seeds 0..N-1 (default 3, or 1 with --quick)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds are first-seed .. first-seed + seeds - 1 (run seeds in parallel, then --merge)")
+    p.add_argument("--merge", nargs="+", metavar="DIR", default=None,
+                   help="combine the table1.json of runs over different seeds into --out (no training)")
     p.add_argument("--quick", action="store_true", help="1 seed and short budgets: a smoke run (~1-2 min)")
     p.add_argument("--rows", default=",".join(ROW_KEYS), help="comma-separated subset of rows")
     p.add_argument("--image-size", type=int, default=Table1Settings.image_size,
@@ -61,6 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     if not args.overwrite and any((out / f).exists() for f in OUTPUT_FILES):
         sys.exit(f"error: {out} already holds results; pass --overwrite to replace them")
+    if args.merge:
+        return _merge(args.merge, out, args.overwrite, args.quiet)
     torch.set_num_threads(args.threads)
     try:
         settings = Table1Settings(image_size=args.image_size, **(QUICK if args.quick else {}))
@@ -80,7 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
         atomic_write_text(out / "table1.partial.json",
                           json.dumps({"settings": settings.to_dict(), "per_seed": partial}, indent=1) + "\n")
 
-    result = run_table1(settings, data=args.data, seeds=list(range(n_seeds)), rows=rows, quiet=args.quiet,
+    seeds = list(range(args.first_seed, args.first_seed + n_seeds))
+    result = run_table1(settings, data=args.data, seeds=seeds, rows=rows, quiet=args.quiet,
                         on_seed=save_partial)
     result["quick"] = args.quick
     write_outputs(result, out, overwrite=args.overwrite)
@@ -89,6 +96,28 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {k: v for k, v in result.items() if not k.startswith("_")}
     print(json.dumps(summary, indent=1))
     return summary
+
+
+def _merge(dirs: list[str], out: Path, overwrite: bool, quiet: bool) -> dict:
+    """Merge the ``table1.json`` of seed-disjoint runs; ``samples.png`` is copied from the first."""
+    import shutil
+
+    from dmvae._io import atomic_write_text, read_json
+
+    try:
+        merged = merge_results([read_json(Path(d) / "table1.json", "Table 1 results") for d in dirs])
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        sys.exit(f"error: cannot merge {dirs}: {e}")
+    merged["merged_from"] = [str(d) for d in dirs]
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "table1.json", json.dumps(merged, indent=1) + "\n")
+    atomic_write_text(out / "table1.md", markdown_table(merged))
+    if Path(dirs[0], "samples.png").resolve() != (out / "samples.png").resolve():
+        shutil.copyfile(Path(dirs[0]) / "samples.png", out / "samples.png")
+    if not quiet:
+        print(markdown_table(merged), file=sys.stderr)
+    print(json.dumps(merged, indent=1))
+    return merged
 
 
 if __name__ == "__main__":

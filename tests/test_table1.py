@@ -188,3 +188,26 @@ def test_quick_run_end_to_end(tmp_path: Path) -> None:
     # a second run into the same folder refuses to overwrite
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert again.returncode != 0 and "--overwrite" in again.stderr
+
+
+def test_merge_runs_over_disjoint_seeds(tmp_path: Path) -> None:
+    from dmvae.experiments.table1 import merge_results
+
+    a, b = _fake_result(1), _fake_result(2)
+    b["seeds"] = [1, 2]
+    for row in b["rows"]:
+        for m in row["metrics"].values():
+            m["values"] = [v + 1.0 for v in m["values"]]
+    for r in (a, b):
+        r.update(settings={"x": 1}, classifier={"c": 1})
+    merged = merge_results([b, a])  # order of the runs does not matter: values follow the seeds
+    psnr = merged["rows"][0]["metrics"]["psnr"]
+    assert merged["seeds"] == [0, 1, 2] and psnr["values"] == [25.0, 26.0, 26.1]
+    assert psnr["mean"] == pytest.approx(77.1 / 3) and psnr["sd"] == pytest.approx(float(np.std([25, 26, 26.1], ddof=1)))
+    assert merged["wall_seconds"] == 60.0 and merged["wall_seconds_total"] == 120.0
+    with pytest.raises(ValueError, match="share seeds"):
+        merge_results([a, a])
+    c = _fake_result(1)
+    c.update(settings={"x": 2}, classifier={"c": 1}, seeds=[5])
+    with pytest.raises(ValueError, match="settings"):
+        merge_results([a, c])

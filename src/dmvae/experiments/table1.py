@@ -59,7 +59,7 @@ from dmvae.experiments.nets import (
 from dmvae.metrics import energy_distance, frechet_distance, psnr
 from dmvae.training import LatentStats, ReconstructionLoss
 
-__all__ = ["ROWS", "Row", "Table1Settings", "QUICK", "run_table1"]
+__all__ = ["ROWS", "Row", "Table1Settings", "QUICK", "merge_results", "run_table1", "summarise"]
 
 
 # ################################################################################################
@@ -480,8 +480,7 @@ def run_table1(
         for k in keys:
             vals = [per_seed[sd][row.key][k] for sd in seeds]
             mean = sum(vals) / len(vals)
-            sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-            metrics[k] = {"mean": mean, "sd": sd, "values": vals}
+            metrics[k] = summarise(vals)
         out_rows.append({
             "key": row.key, "name": row.name, "reference": row.reference or "none",
             "reference_description": row.description, "dm_weight": row.dm_weight,
@@ -504,6 +503,45 @@ def run_table1(
         "_real": _real_grid(held, 2),
     }
     return result
+
+
+def summarise(values: list[float]) -> dict:
+    """``{"mean", "sd" (sample sd, 0 for one value), "values"}`` of one metric over the seeds."""
+    mean = sum(values) / len(values)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return {"mean": mean, "sd": sd, "values": list(values)}
+
+
+def merge_results(results: list[dict]) -> dict:
+    """Combine ``table1.json`` results of runs over different seeds (e.g. run in parallel with
+    ``--first-seed``) into one: the settings, data and rows must be identical and the seeds
+    disjoint. Per-seed values are concatenated (in seed order) and summarised again; the wall time
+    is the longest run's, ``wall_seconds_total`` their sum."""
+    if not results:
+        raise ValueError("nothing to merge")
+    first = results[0]
+    for r in results[1:]:
+        for key in ("settings", "data", "classifier"):
+            if r[key] != first[key]:
+                raise ValueError(f"cannot merge runs with different {key!r}")
+        if [x["key"] for x in r["rows"]] != [x["key"] for x in first["rows"]]:
+            raise ValueError("cannot merge runs with different rows")
+    seeds = [sd for r in results for sd in r["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"the runs share seeds: {seeds}")
+    order = sorted(range(len(seeds)), key=seeds.__getitem__)
+    rows = []
+    for i, row in enumerate(first["rows"]):
+        metrics = {}
+        for k in row["metrics"]:
+            vals = [v for r in results for v in r["rows"][i]["metrics"][k]["values"]]
+            metrics[k] = summarise([vals[j] for j in order])
+        rows.append({**row, "metrics": metrics})
+    merged = {k: v for k, v in first.items() if k not in ("rows", "seeds", "sanity")}
+    merged.update(rows=rows, seeds=sorted(seeds), sanity=sanity_checks(rows),
+                  wall_seconds=max(r["wall_seconds"] for r in results),
+                  wall_seconds_total=sum(r["wall_seconds"] for r in results))
+    return merged
 
 
 def _real_grid(held: ImageSet, per_class: int) -> Tensor:
