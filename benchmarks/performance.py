@@ -275,7 +275,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         result["workloads"][name] = BENCHES[name](args)
         result["workloads"][name]["wall_s"] = round(time.perf_counter() - t0, 1)
-        print(f"[performance] {name} done in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+        # progress on stderr (the JSON on stdout comes at the end)
+        print(f"[performance] {name}: {json.dumps(result['workloads'][name])}", file=sys.stderr)
     result["total_wall_s"] = round(time.perf_counter() - t_all, 1)
     result["summary"] = {}
     for name, res in result["workloads"].items():
