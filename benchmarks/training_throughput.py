@@ -116,7 +116,7 @@ def _run(cmd: list[str], procs: int, threads: int) -> None:
 def _steps_per_s(out: Path, skip: int) -> float:
     """Steps/s from metrics.jsonl (log every step) after ``skip`` warm-up steps."""
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if r["step"] >= skip]
+    rows = [r for r in rows if r["step"] >= min(skip, rows[-1]["step"] - 1)]
     return (rows[-1]["step"] - rows[0]["step"]) / (rows[-1]["elapsed_s"] - rows[0]["elapsed_s"])
 
 
@@ -281,13 +281,14 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=256, help="crop size of the data section")
     p.add_argument("--data-batch", type=int, default=32)
     p.add_argument("--data-batches", type=int, default=8, help="measured batches per data configuration")
-    p.add_argument("--steps", type=int, default=12, help="steps per stage run (first 2 not timed)")
+    p.add_argument("--steps", type=int, default=12, help="steps per stage run (first 2 not timed; >= 4)")
     p.add_argument("--peak-tflops", type=float, default=None, help="device dense bf16 peak for MFU")
     p.add_argument("--gpu-batch", type=int, default=256)
     p.add_argument("--gpu-vae-batch", type=int, default=64)
     p.add_argument("--gpu-iters", type=int, default=10)
     p.add_argument("--grad-checkpoint", action="store_true", help="XL/1 with activation checkpointing")
     args = p.parse_args()
+    args.steps = max(args.steps, 4)
     sections = args.sections or ["data", "stages", "cache", "flops"] + (["gpu"] if torch.cuda.is_available() else [])
     result: dict = {"torch": torch.__version__, "python": platform.python_version(), "cpu": platform.processor(),
                     "cpu_count": os.cpu_count(), "cuda": torch.cuda.is_available()}

@@ -154,9 +154,11 @@ def test_two_ddp_processes_match_one(stage, stage1, stage2, tmp_path) -> None:
         script, module = "train_tokenizer.py", train_tokenizer.main
         common = ["--steps", "2", "--disc-start", "1", *GAN_DDP, *TOK]
         files = ["vae/model.safetensors"]
-    elif stage == "stage3":  # VAE turn with DM + GAN at step 1, fake model every step
+    elif stage == "stage3":  # one step: VAE turn with DM + GAN (+ D step), then the fake model
+        # (from step 2 on, Adam's first update of the whole VAE turns the rounding of the tiny DM
+        # gradients into lr-sized differences of some encoder weights; the critic then sees ~1e-3)
         script, module = "train_dmvae.py", train_dmvae.main
-        common = ["--vae", vae, "--real", str(stage2), "--steps", "2", "--vae-every", "1", "--disc-start", "1",
+        common = ["--vae", vae, "--real", str(stage2), "--steps", "1", "--vae-every", "1", "--disc-start", "0",
                   "--lpips-weight", "0", "--ndf", "8", "--lr", "2e-3", "--warmup", "1", "--batch-size", "4",
                   "--log-every", "1", "--quiet", *GAN_DDP]  # fmt: skip
         files = ["vae/model.safetensors", "fake/model.safetensors"]
@@ -166,12 +168,12 @@ def test_two_ddp_processes_match_one(stage, stage1, stage2, tmp_path) -> None:
         files = ["dit/model.safetensors"]
     one = module(["--out", str(tmp_path / "one"), *common])
     if stage != "stage5":
-        assert one["history"][1]["gan_weight"] > 0  # the GAN term is on at step 1
+        assert one["history"][-1]["gan_weight"] > 0  # the GAN term is on
     two = [sys.executable, str(EXAMPLES / script), "--out", str(tmp_path / "two"), *common]
     two[two.index("--batch-size") + 1] = "2"
     run_ranks(two, world_size=2)
     two_summary = json.loads((tmp_path / "two" / "summary.json").read_text())
-    assert len(one["history"]) == len(two_summary["history"]) == 2
+    assert len(one["history"]) == len(two_summary["history"]) == (1 if stage == "stage3" else 2)
     for h1, h2 in zip(one["history"], two_summary["history"]):  # logged means over the global batch
         assert h1.keys() == h2.keys()
         for k in h1:  # 1e-5 for the trained objectives; the critic's readings (the adaptive weight, a
