@@ -5,6 +5,9 @@ directive in an HTML comment, invisible on the rendered page:
 
 ``<!-- docs-test: skip (reason) -->``
     the block is not run; the reason is mandatory and is reported by the test.
+``<!-- docs-test: slow (reason) -->``
+    the block runs only when ``DMVAE_DOCS_SLOW=1`` (tens of seconds of CPU: real-size feature
+    networks, ``torch.compile``); otherwise it is skipped like the above.
 
 A page may also hold hidden setup code, run where it stands (like Sphinx's ``testsetup``), for
 fragments that use the reader's own objects (a data loader, an optimiser)::
@@ -32,7 +35,7 @@ __all__ = ["Block", "Command", "commands", "extract_blocks", "shape_claims"]
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>```+|~~~+)[ \t]*(?P<lang>[\w+-]*)[^\n]*$")
 _DIRECTIVE = re.compile(r"^<!--\s*docs-test:\s*(?P<kind>[\w-]+)\s*(?:\((?P<reason>.*)\))?\s*-->$")
 _SETUP = re.compile(r"^<!--\s*docs-test:\s*setup\s*$")
-DIRECTIVES = ("skip",)
+DIRECTIVES = ("skip", "slow")
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,8 @@ class Block:
     line: int  # 1-based line of the first code line (the line after the opening fence)
     lang: str  # the info string's first word, lower case ("" when absent)
     code: str  # dedented by the fence's indentation
-    skip: str | None = None  # the reason given by a ``docs-test: skip`` directive
+    skip: str | None = None  # the reason given by a ``docs-test: skip`` / ``slow`` directive
+    slow: bool = False  # ``docs-test: slow``: run only with DMVAE_DOCS_SLOW=1
     hidden: bool = False  # a ``docs-test: setup`` comment, not shown on the page
 
     @property
@@ -82,27 +86,29 @@ def extract_blocks(page: Path) -> list[Block]:
         if j == len(lines):
             raise ValueError(f"{page.name}:{i + 1}: unclosed code fence {fence!r}")
         body = [ln[len(indent):] if ln.startswith(indent) else ln.lstrip() for ln in lines[start:j]]
-        blocks.append(Block(page, start + 1, lang, "\n".join(body) + "\n", _directive(page, lines, i)))
+        kind, reason = _directive(page, lines, i)
+        blocks.append(Block(page, start + 1, lang, "\n".join(body) + "\n", reason, slow=kind == "slow"))
         i = j + 1
     return blocks
 
 
-def _directive(page: Path, lines: list[str], fence_index: int) -> str | None:
+def _directive(page: Path, lines: list[str], fence_index: int) -> tuple[str | None, str | None]:
+    """``(kind, reason)`` of the directive just above a fence, or ``(None, None)``."""
     k = fence_index - 1
     while k >= 0 and not lines[k].strip():
         k -= 1
     if k < 0 or not lines[k].strip().startswith("<!--"):
-        return None
+        return None, None
     text = lines[k].strip()
     m = _DIRECTIVE.match(text)
     if "docs-test" not in text:
-        return None
+        return None, None
     if not m or m["kind"] not in DIRECTIVES:
         raise ValueError(f"{page.name}:{k + 1}: unknown docs-test directive {text!r}; "
-                         f"expected '<!-- docs-test: skip (reason) -->'")
+                         f"expected '<!-- docs-test: skip (reason) -->' or '<!-- docs-test: slow (reason) -->'")
     if not (m["reason"] or "").strip():
-        raise ValueError(f"{page.name}:{k + 1}: a docs-test skip needs a reason in parentheses")
-    return m["reason"].strip()
+        raise ValueError(f"{page.name}:{k + 1}: a docs-test {m['kind']} needs a reason in parentheses")
+    return m["kind"], m["reason"].strip()
 
 
 # ---- claims written in comments -----------------------------------------------------------------

@@ -16,7 +16,9 @@ How the Python blocks run (``tests/_docs.py`` reads them):
 * without a GPU, ``"cuda"`` in a block reads ``"cpu"`` and ``.cuda()`` reads ``.cpu()``;
 * a comment that states a shape, ``z = vae.encode(x)  # (4, 32, 16, 16) ...``, is checked;
 * a block that cannot run here is preceded by ``<!-- docs-test: skip (reason) -->``; the reason is
-  required, and ``test_skips_are_counted`` bounds how many there are;
+  required, and ``test_skips_are_counted`` bounds how many there are; a block that costs tens of
+  seconds of CPU is marked ``<!-- docs-test: slow (reason) -->`` and runs with ``DMVAE_DOCS_SLOW=1``
+  (``DMVAE_DOCS_SLOW=1 pytest tests/test_docs.py``), which keeps the default run near a minute;
 * a fragment that uses the reader's own objects (``loader``, ``opt``) gets them from a hidden
   ``<!-- docs-test: setup ... -->`` comment just before it (see ``tests/_docs.py``).
 
@@ -54,8 +56,15 @@ def _blocks(page: Path, langs: tuple[str, ...]) -> list[Block]:
     return [b for b in extract_blocks(page) if b.lang in langs]
 
 
+RUN_SLOW = os.environ.get("DMVAE_DOCS_SLOW", "") not in ("", "0")
+
+
+def _runs(block: Block) -> bool:
+    return block.skip is None or (block.slow and RUN_SLOW)
+
+
 # pages with at least one Python block to run (test_skips_are_counted bounds the rest)
-PY_PAGES = [p for p in PAGES if any(b.skip is None and not b.hidden for b in _blocks(p, PY_LANGS))]
+PY_PAGES = [p for p in PAGES if any(_runs(b) and not b.hidden for b in _blocks(p, PY_LANGS))]
 
 
 # ---- stand-in presets and the user's files ------------------------------------------------------
@@ -196,8 +205,11 @@ def _registries_restored():
 
 
 def _run_blocks(page: Path, namespace: dict) -> None:
-    for block in _blocks(page, PY_LANGS):
-        if block.skip is not None:
+    blocks = _blocks(page, PY_LANGS)
+    for i, block in enumerate(blocks):
+        # hidden setup runs when the next visible block runs
+        target = next((b for b in blocks[i:] if not b.hidden), block)
+        if not _runs(target):
             continue
         # blank lines in front keep tracebacks on the page's own line numbers
         source = "\n" * (block.line - 1) + _as_run_here(block.code)
@@ -221,7 +233,7 @@ def _checkable_claims(block: Block) -> list[tuple[int, str, tuple[int, ...]]]:
 
 def test_skips_are_counted() -> None:
     blocks = [b for p in PAGES for b in _blocks(p, PY_LANGS) if not b.hidden]
-    skipped = [f"{b.where} ({b.skip})" for b in blocks if b.skip is not None]
+    skipped = [f"{b.where} ({'slow: ' if b.slow else ''}{b.skip})" for b in blocks if b.skip is not None]
     assert len(blocks) >= 20, f"only {len(blocks)} Python blocks found: is the extractor broken?"
     assert len(skipped) <= MAX_SKIPPED_PYTHON_BLOCKS, "too many skipped docs blocks:\n" + "\n".join(skipped)
 
@@ -244,11 +256,18 @@ def test_extractor_rejects_unreasoned_skips(tmp_path: Path) -> None:
     page.write_text("text\n\n<!-- docs-test: skip (needs a GPU) -->\n\n```python\nx = 1\n```\n  ```py\n  y = 2\n  ```\n"
                     "<!-- docs-test: setup\nz = 3\n-->\n")
     a, b, c = extract_blocks(page)
+    assert not a.slow and not b.slow
     assert (a.skip, a.line, a.code) == ("needs a GPU", 6, "x = 1\n")
     assert (b.skip, b.lang, b.code) == (None, "py", "y = 2\n")
     assert (c.hidden, c.lang, c.line, c.code) == (True, "python", 12, "z = 3\n")
     page.write_text("<!-- docs-test: setup\nz = 3\n")
     with pytest.raises(ValueError, match="must end"):
+        extract_blocks(page)
+    page.write_text("<!-- docs-test: slow (a real Inception) -->\n```python\nx = 1\n```\n")
+    (d,) = extract_blocks(page)
+    assert d.slow and d.skip == "a real Inception"
+    page.write_text("<!-- docs-test: slow -->\n```python\nx = 1\n```\n")
+    with pytest.raises(ValueError, match="slow needs a reason"):
         extract_blocks(page)
 
 
