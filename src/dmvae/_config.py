@@ -44,7 +44,6 @@ def _check_value(value: Any, annotation: Any, where: str) -> Any:
     if annotation is Any or annotation is object:
         return value
     if origin in (typing.Union, types.UnionType):
-        errors = []
         for arg in args:
             if arg is type(None):
                 if value is None:
@@ -52,8 +51,8 @@ def _check_value(value: Any, annotation: Any, where: str) -> Any:
                 continue
             try:
                 return _check_value(value, arg, where)
-            except TypeError as e:
-                errors.append(str(e))
+            except TypeError:
+                pass
         raise TypeError(f"{where}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if origin is typing.Literal:
         if value not in args:
