@@ -35,6 +35,12 @@ torch.set_num_threads(int(os.environ.get("DMVAE_TEST_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The checkout's root (``benchmarks/``, ``examples/``, ``docs/`` live there)."""
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     """``shared/fixtures/upstream``; parity tests must not silently skip in CI."""
     if not FIXTURES.is_dir():

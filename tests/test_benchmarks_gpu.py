@@ -8,12 +8,10 @@ import math
 
 import pytest
 
-from conftest import REPO_ROOT
-
 
 @pytest.fixture(scope="module")
-def gpu_bench():
-    spec = importlib.util.spec_from_file_location("dmvae_bench_gpu", REPO_ROOT / "benchmarks" / "gpu.py")
+def gpu_bench(repo_root):
+    spec = importlib.util.spec_from_file_location("dmvae_bench_gpu", repo_root / "benchmarks" / "gpu.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
