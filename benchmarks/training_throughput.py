@@ -41,10 +41,11 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu import peak_bf16_tflops  # noqa: E402  (the one device-peak table, by substring, "H100 PCIe" first)
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
-                    "4090": 165.0, "B200": 2250.0, "GH200": 989.0}  # dense bf16, no sparsity
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -224,7 +225,7 @@ def bench_gpu(args: argparse.Namespace) -> dict:
     dev = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     name = torch.cuda.get_device_name(dev)
-    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    peak = args.peak_tflops or peak_bf16_tflops(name)
     flops = flop_counts(args.gpu_batch)
     res: dict = {"device": name, "peak_bf16_tflops": peak, "batch": args.gpu_batch}
 

@@ -41,6 +41,20 @@ def repo_root() -> Path:
 
 
 @pytest.fixture(scope="session")
+def load_benchmark(repo_root):
+    """``load_benchmark("gpu")`` imports ``benchmarks/gpu.py`` as a module (the scripts are not a package)."""
+    import importlib.util
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"dmvae_bench_{name}", repo_root / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+@pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     """``shared/fixtures/upstream``; parity tests must not silently skip in CI."""
     if not FIXTURES.is_dir():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
@@ -10,11 +9,8 @@ import pytest
 
 
 @pytest.fixture(scope="module")
-def gpu_bench(repo_root):
-    spec = importlib.util.spec_from_file_location("dmvae_bench_gpu", repo_root / "benchmarks" / "gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def gpu_bench(load_benchmark):
+    return load_benchmark("gpu")
 
 
 def test_peak_table(gpu_bench):

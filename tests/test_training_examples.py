@@ -146,12 +146,38 @@ def _assert_same_weights(a_file: Path, b_file: Path) -> None:
     assert (all_diffs < 1e-7).float().mean() > 0.99 and all_diffs.max() < 2e-3
 
 
+def _assert_same_first_adam_step(one: Path, two: Path, lr: float, betas=(0.9, 0.95), eps: float = 1e-8) -> None:
+    """Stage 3's autoencoder after one AdamW step: the (clipped, all-reduced) gradients agree to float
+    rounding, and every weight difference is what Adam's first step makes of that rounding.
+
+    Adam's first update is lr * g / (|g| + eps), a sign-like map: an entry whose gradient is at the
+    rounding level (the analytically-zero gradients of biases feeding a GroupNorm or of attention's
+    k bias; kernel entries where the reconstruction and GAN terms cancel to ~1e-5 of the typical size)
+    moves by up to 2 * lr in either run. Measured: gradients 2e-6 of max|g| apart, every weight within
+    6e-8 of this prediction (kernels up to 2.3e-4 apart); a rank-local adaptive GAN weight puts the
+    gradients 0.11 of max|g| apart.
+    """
+    from dmvae.autoencoder import DMVAE
+
+    states = [load_checkpoint(d / "checkpoints", restore_rng=False).state["opt_vae"]["state"] for d in (one, two)]
+    grads = [{i: s["exp_avg"] / (1 - betas[0]) for i, s in st.items()} for st in states]  # m_1 = (1 - b1) g
+    assert all(s["step"].item() == 1 for st in states for s in st.values())
+    g_max = max(g.abs().max().item() for g in grads[0].values())
+    g_diff = max((grads[0][i] - grads[1][i]).abs().max().item() for i in grads[0])
+    assert g_diff <= 1e-5 * g_max, (g_diff, g_max)
+
+    names = [n for n, _ in DMVAE.from_pretrained(one / "vae").named_parameters()]
+    assert len(names) == len(grads[0])
+    w1, w2 = load_file(str(one / "vae" / "model.safetensors")), load_file(str(two / "vae" / "model.safetensors"))
+    for i, name in enumerate(names):
+        step = [lr * g[i] / (g[i].abs() + eps) for g in grads]  # bias-corrected first step: m/(sqrt(v)+eps)
+        excess = ((w1[name] - w2[name]).abs() - (step[0] - step[1]).abs()).abs().max().item()
+        assert excess < 1e-6, (name, excess)
+
+
 @pytest.mark.parametrize("stage", [
     "stage1",
-    pytest.param("stage3", marks=pytest.mark.xfail(reason=(
-        "losses of the step match (1e-5; critic readings 1e-4), but after Adam's first step some VAE "
-        "kernels differ by up to 2.3e-4 (lr 2e-3): not yet explained (suspected: clipping of the large DM "
-        "gradient leaves decoder gradients near Adam's eps, which amplifies rounding)"), strict=False)),
+    "stage3",
     "stage5",
 ])
 def test_two_ddp_processes_match_one(stage, stage1, stage2, tmp_path) -> None:
@@ -162,8 +188,9 @@ def test_two_ddp_processes_match_one(stage, stage1, stage2, tmp_path) -> None:
         common = ["--steps", "2", "--disc-start", "1", *GAN_DDP, *TOK]
         files = ["vae/model.safetensors"]
     elif stage == "stage3":  # one step: VAE turn with DM + GAN (+ D step), then the fake model
-        # (from step 2 on, Adam's first update of the whole VAE turns the rounding of the tiny DM
-        # gradients into lr-sized differences of some encoder weights; the critic then sees ~1e-3)
+        # (after one step the optimiser's first moments are the gradients, so they can be compared
+        # directly; from step 2 on, Adam's sign-like first update of rounding-level gradients, see
+        # _assert_same_first_adam_step, leaves lr-sized weight differences that every later loss sees)
         script, module = "train_dmvae.py", train_dmvae.main
         common = ["--vae", vae, "--real", str(stage2), "--steps", "1", "--vae-every", "1", "--disc-start", "0",
                   "--lpips-weight", "0", "--ndf", "8", "--lr", "2e-3", "--warmup", "1", "--batch-size", "4",
@@ -188,7 +215,10 @@ def test_two_ddp_processes_match_one(stage, stage1, stage2, tmp_path) -> None:
             tol = (1e-4 if k in ("gan_weight", "g_loss", "d_loss") else 1e-5) * max(1.0, abs(h1[k]))
             assert abs(h1[k] - h2[k]) <= tol, (k, h1[k], h2[k])
     for f in files:
-        _assert_same_weights(tmp_path / "one" / f, tmp_path / "two" / f)
+        if stage == "stage3" and f.startswith("vae/"):
+            _assert_same_first_adam_step(tmp_path / "one", tmp_path / "two", lr=2e-3)
+        else:
+            _assert_same_weights(tmp_path / "one" / f, tmp_path / "two" / f)
 
 
 def test_help_and_one_line_user_errors(tmp_path, capsys) -> None:
