@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from dmvae.training import init_distributed
+from dmvae.training import init_distributed, is_main_process, latest_checkpoint, load_checkpoint
 from dmvae.training.data import build_dataset, center_crop_transform, train_transform
 from dmvae.training.distributed import DistInfo
-from dmvae.training.logger import LOG_BACKENDS
+from dmvae.training.logger import LOG_BACKENDS, MetricLogger
 from dmvae.training.sampler import TrainLoader
 
 
@@ -136,3 +136,20 @@ def check_source(flag: str, source: str) -> None:
     looks_local = source.startswith((".", "/", "~")) or source.count("/") >= 2
     if looks_local and not p.exists():
         raise fail(f"{flag} {source}: no such file or directory (run the previous stage first, see docs/training.md)")
+
+
+def resume_and_log(args: argparse.Namespace, out: Path, state: dict, desc: str) -> tuple[int, MetricLogger]:
+    """Restore the newest checkpoint under ``out/checkpoints`` into ``state`` (modules, optimisers,
+    schedulers and the loader's position, all or nothing) and open the run's logger.
+
+    Returns the step to start from (0 for a new run) and the :class:`MetricLogger`.
+    """
+    ckpt_dir, start = out / "checkpoints", 0
+    if latest_checkpoint(ckpt_dir) is not None:
+        start = load_checkpoint(ckpt_dir, **state).step
+        if is_main_process():
+            data = state["data"]
+            print(f"resumed from step {start} (epoch {data.epoch}, batch {data.batch_in_epoch})")
+    log = MetricLogger(out, total_steps=args.steps, start_step=start, log_every=args.log_every,
+                       log_to=args.log_to, config=vars(args), progress=not args.quiet, desc=desc)
+    return start, log

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from _train_utils import (add_data_args, add_run_args, adamw, check_source, fail, load_lpips, make_loader,
-                          make_parser, maybe_compile, setup)
+                          make_parser, maybe_compile, resume_and_log, setup)
 from dmvae.autoencoder import DMVAE
 from dmvae.dit import LatentDiT
 from dmvae.dm_loss import DistributionMatchingLoss
@@ -55,14 +55,12 @@ from dmvae.training import (
     gan_active,
     generator_loss,
     is_main_process,
-    latest_checkpoint,
     linear_warmup,
-    load_checkpoint,
     save_checkpoint,
 )
 from dmvae.training.data import to_model_input
 from dmvae.training.distributed import GlobalBatchRandom, wrap_ddp
-from dmvae.training.logger import MetricLogger, RunningMeans
+from dmvae.training.logger import RunningMeans
 from dmvae.transport import FlowMatching
 
 
@@ -145,14 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt_dir = out / "checkpoints"
     state = dict(vae=vae, fake=fake, disc=disc, dm=dm, opt_vae=opt_vae, opt_fake=opt_fake, opt_disc=opt_disc,
                  sched_vae=sched_vae, sched_fake=sched_fake, sched_disc=sched_disc, data=loader)
-    start = 0
-    if latest_checkpoint(ckpt_dir) is not None:
-        start = load_checkpoint(ckpt_dir, **state).step
-        if is_main_process():
-            print(f"resumed from step {start} (epoch {loader.epoch}, batch {loader.batch_in_epoch})")
-
-    log = MetricLogger(out, total_steps=args.steps, start_step=start, log_every=args.log_every,
-                       log_to=args.log_to, config=vars(args), progress=not args.quiet, desc="stage 3")
+    start, log = resume_and_log(args, out, state, desc="stage 3")
     means = RunningMeans()
     history: list[dict] = []
     for step in range(start, args.steps):

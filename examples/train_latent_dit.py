@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from _train_utils import (add_data_args, add_run_args, adamw, check_source, fail, make_loader, make_parser,
-                          maybe_compile, setup)
+                          maybe_compile, resume_and_log, setup)
 from dmvae.autoencoder import DMVAE
 from dmvae.dit import LatentDiT, LatentDiTConfig
 from dmvae.training import (
@@ -42,14 +42,12 @@ from dmvae.training import (
     autocast,
     clip_grad_norm,
     is_main_process,
-    latest_checkpoint,
     linear_warmup,
-    load_checkpoint,
     save_checkpoint,
 )
 from dmvae.training.data import to_model_input
 from dmvae.training.distributed import GlobalBatchRandom, local_rows, wrap_ddp
-from dmvae.training.logger import MetricLogger, RunningMeans
+from dmvae.training.logger import RunningMeans
 from dmvae.training.sampler import TrainLoader
 from dmvae.transport import FlowMatching
 
@@ -124,15 +122,7 @@ def main(argv: list[str] | None = None, prog: str | None = None, doc: str | None
 
     ckpt_dir = out / "checkpoints"
     state = dict(dit=dit, ema=ema, opt=opt, sched=sched, data=loader)
-    start = 0
-    if latest_checkpoint(ckpt_dir) is not None:
-        start = load_checkpoint(ckpt_dir, **state).step
-        if is_main_process():
-            print(f"resumed from step {start} (epoch {loader.epoch}, batch {loader.batch_in_epoch})")
-
-    log = MetricLogger(out, total_steps=args.steps, start_step=start, log_every=args.log_every,
-                       log_to=args.log_to, config=vars(args), progress=not args.quiet,
-                       desc="LatentDiT" + (" (cache)" if args.latents else ""))
+    start, log = resume_and_log(args, out, state, desc="LatentDiT" + (" (cache)" if args.latents else ""))
     means = RunningMeans()
     history: list[dict] = []
     for step in range(start, args.steps):

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from _train_utils import (add_data_args, add_run_args, adamw, check_source, load_lpips, make_loader, make_parser,
-                          maybe_compile, setup)
+                          maybe_compile, resume_and_log, setup)
 from dmvae.autoencoder import DMVAE, DMVAEConfig
 from dmvae.training import (
     EMA,
@@ -53,14 +53,12 @@ from dmvae.training import (
     gan_active,
     generator_loss,
     is_main_process,
-    latest_checkpoint,
     linear_warmup,
-    load_checkpoint,
     save_checkpoint,
 )
 from dmvae.training.data import to_model_input
 from dmvae.training.distributed import wrap_ddp
-from dmvae.training.logger import MetricLogger, RunningMeans
+from dmvae.training.logger import RunningMeans
 
 
 def cpu_tiny_config(image_size: int) -> DMVAEConfig:
@@ -145,14 +143,7 @@ def main(argv: list[str] | None = None, prog: str | None = None, doc: str | None
     ckpt_dir = out / "checkpoints"
     state = dict(vae=vae, ema=ema, disc=disc, opt_vae=opt_vae, opt_disc=opt_disc, sched_vae=sched_vae,
                  sched_disc=sched_disc, data=loader)
-    start = 0
-    if latest_checkpoint(ckpt_dir) is not None:
-        start = load_checkpoint(ckpt_dir, **state).step
-        if is_main_process():
-            print(f"resumed from step {start} (epoch {loader.epoch}, batch {loader.batch_in_epoch})")
-
-    log = MetricLogger(out, total_steps=args.steps, start_step=start, log_every=args.log_every,
-                       log_to=args.log_to, config=vars(args), progress=not args.quiet, desc="stage 1")
+    start, log = resume_and_log(args, out, state, desc="stage 1")
     means = RunningMeans()
     history: list[dict] = []
     for step in range(start, args.steps):
