@@ -10,7 +10,7 @@ Sections (random weights: speed does not depend on their values):
   (loss + backward + fused AdamW) under bf16 autocast, eager vs regional ``compile()``:
   step time, images/s, model FLOP utilisation ``MFU = FLOPs per step / step time / peak`` with the
   FLOPs of one forward + backward counted by ``torch.utils.flop_counter.FlopCounterMode`` and the
-  dense bf16 peak taken from :data:`PEAK_BF16_TFLOPS` by device name (target: MFU >= 0.40);
+  dense bf16 peak taken from :data:`_common.PEAK_BF16_TFLOPS` by device name (target: MFU >= 0.40);
 * ``autoencoder``: ``dmvae-l`` encode and decode images/s at 256 px in float32 vs bf16 autocast
   (and bf16 + ``compile()``), with the max-abs difference of the bf16 outputs from float32;
 * ``sde_sampling``: Euler-Maruyama with the release's 250 grid points (``num_steps=249``), batch
@@ -36,44 +36,20 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch._dynamo
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import peak_bf16_tflops, randomize_adaln  # noqa: E402  (benchmarks/_common.py)
 from dmvae.autoencoder import DMVAE, DMVAEConfig
 from dmvae.dit import LatentDiT, create_model
 from dmvae.samplers import sample
 from dmvae.transport import FlowMatching
 
 SECTIONS = ("dit_training", "autoencoder", "sde_sampling")
-
-# Dense (no 2:4 sparsity) bf16 tensor-core peaks in TFLOP/s, matched by substring of
-# torch.cuda.get_device_name(), first match wins (so "H100 PCIe" precedes "H100").
-PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
-    ("H200", 989.0),
-    ("H100 PCIe", 756.0),
-    ("H100", 989.0),  # SXM / HBM3
-    ("H800", 989.0),
-    ("GH200", 989.0),
-    ("B200", 2250.0),
-    ("A100", 312.0),
-    ("A800", 312.0),
-    ("L40S", 362.0),
-    ("L4", 121.0),
-    ("A10G", 70.0),
-    ("RTX 4090", 165.0),
-    ("RTX 3090", 71.0),
-)
-
-
-def peak_bf16_tflops(device_name: str) -> float | None:
-    """Dense bf16 peak of a device by name (None if the table does not know it)."""
-    for key, tflops in PEAK_BF16_TFLOPS:
-        if key in device_name:
-            return tflops
-    return None
-
 
 # ---- helpers ---------------------------------------------------------------------------------
 
@@ -128,13 +104,7 @@ def _dit(args: argparse.Namespace, device: torch.device) -> LatentDiT:
                              in_channels=8, num_classes=10)
     else:
         model = create_model("LightningDiT-XL/1", num_classes=1000)
-    # adaLN-Zero starts as the identity; random gates give every block real work to show
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "adaLN_modulation" in name or name.startswith("final_layer.linear"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    return model.to(device)
+    return randomize_adaln(model).to(device)
 
 
 def _latents(model: LatentDiT, batch: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, ...]:

@@ -38,11 +38,14 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch._dynamo
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import randomize_adaln  # noqa: E402  (benchmarks/_common.py)
 from dmvae.autoencoder import DMVAE, DMVAEConfig
 from dmvae.dit import create_model
 from dmvae.samplers import sample
@@ -160,19 +163,8 @@ def _dit_inputs(model: torch.nn.Module, batch: int) -> tuple[torch.Tensor, torch
     return x, t, y
 
 
-def _randomize_adaln(model: torch.nn.Module) -> torch.nn.Module:
-    # adaLN-Zero makes a fresh model the identity; random gates make the output (and the
-    # max_abs_diff check) meaningful
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "adaLN_modulation" in name or name.startswith("final_layer.linear"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    return model
-
-
 def bench_dit_forward(args: argparse.Namespace) -> dict[str, Any]:
-    base = _randomize_adaln(_dit(args, "LightningDiT-B/1")).eval()
+    base = randomize_adaln(_dit(args, "LightningDiT-B/1")).eval()
     x, t, y = _dit_inputs(base, args.batch)
     regional = copy.deepcopy(base).compile()
     whole = copy.deepcopy(base).compile(regional=False)
@@ -188,7 +180,7 @@ def bench_dit_forward(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def bench_dit_train_step(args: argparse.Namespace) -> dict[str, Any]:
-    base = _randomize_adaln(_dit(args, "LightningDiT-B/1")).train()
+    base = randomize_adaln(_dit(args, "LightningDiT-B/1")).train()
     x1, _, y = _dit_inputs(base, args.batch)
     fm = FlowMatching()
 
@@ -217,7 +209,7 @@ def bench_dit_train_step(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def bench_cfg_sampling(args: argparse.Namespace) -> dict[str, Any]:
-    base = _randomize_adaln(_dit(args, "LightningDiT-Mini/1")).eval()
+    base = randomize_adaln(_dit(args, "LightningDiT-Mini/1")).eval()
     noise, _, labels = _dit_inputs(base, args.batch)
     steps = args.steps
 

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu import peak_bf16_tflops  # noqa: E402  (the one device-peak table, by substring, "H100 PCIe" first)
+from _common import peak_bf16_tflops  # noqa: E402  (the one device-peak table)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
