@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     partial: dict[str, dict] = {}
 
     def save_partial(seed: int, rows_of_seed: dict) -> None:  # progress of a long run, per seed
-        from dmvae._io import atomic_write_text
+        from dmvae.files import atomic_write_text
 
         partial[str(seed)] = rows_of_seed
         out.mkdir(parents=True, exist_ok=True)
@@ -102,7 +102,7 @@ def _merge(dirs: list[str], out: Path, overwrite: bool, quiet: bool) -> dict:
     """Merge the ``table1.json`` of seed-disjoint runs; ``samples.png`` is copied from the first."""
     import shutil
 
-    from dmvae._io import atomic_write_text, read_json
+    from dmvae.files import atomic_write_text, read_json
 
     try:
         merged = merge_results([read_json(Path(d) / "table1.json", "Table 1 results") for d in dirs])

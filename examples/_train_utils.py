@@ -16,7 +16,7 @@ import torch
 
 from dmvae.training import init_distributed, is_main_process, latest_checkpoint, load_checkpoint
 from dmvae.training.data import build_dataset, center_crop_transform, train_transform
-from dmvae.training.distributed import DistInfo
+from dmvae.dist import DistInfo
 from dmvae.training.logger import LOG_BACKENDS, MetricLogger
 from dmvae.training.sampler import TrainLoader
 

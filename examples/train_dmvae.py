@@ -59,7 +59,7 @@ from dmvae.training import (
     save_checkpoint,
 )
 from dmvae.training.data import to_model_input
-from dmvae.training.distributed import GlobalBatchRandom, wrap_ddp
+from dmvae.dist import GlobalBatchRandom, wrap_ddp
 from dmvae.training.logger import RunningMeans
 from dmvae.transport import FlowMatching
 

@@ -46,7 +46,7 @@ from dmvae.training import (
     save_checkpoint,
 )
 from dmvae.training.data import to_model_input
-from dmvae.training.distributed import GlobalBatchRandom, local_rows, wrap_ddp
+from dmvae.dist import GlobalBatchRandom, local_rows, wrap_ddp
 from dmvae.training.logger import RunningMeans
 from dmvae.training.sampler import TrainLoader
 from dmvae.transport import FlowMatching

@@ -57,7 +57,7 @@ from dmvae.training import (
     save_checkpoint,
 )
 from dmvae.training.data import to_model_input
-from dmvae.training.distributed import wrap_ddp
+from dmvae.dist import wrap_ddp
 from dmvae.training.logger import RunningMeans
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dmvae.autoencoder import DMVAE, DMVAEConfig, DMVAEOutput, grid_to_tokens, list_presets, tokens_to_grid
-from dmvae.hub import CheckpointError
+from dmvae.files import CheckpointError
 
 
 # A 32x32 input is a 2x2 latent grid: the cheapest size that exercises everything.

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from dmvae import DMVAE, LatentDiT
-from dmvae.hub import CheckpointError
+from dmvae.files import CheckpointError
 from dmvae.tiling import tiled_decode
 
 SMALL = 32

@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from dmvae.autoencoder import DMVAE, DMVAEConfig, grid_to_tokens, tokens_to_grid
-from dmvae.hub import CheckpointError, load_state_dict_strict
+from dmvae.files import CheckpointError
+from dmvae.hub import load_state_dict_strict
 
 
 TOKEN_ATOL = 1e-5

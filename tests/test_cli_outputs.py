@@ -118,7 +118,7 @@ def test_read_only_directory_is_refused_before_the_work(classes, tmp_path, no_mo
 
 
 def test_full_disk_during_the_write_is_one_line_naming_the_file(classes, tiny, tmp_path, monkeypatch, capsys):
-    from dmvae import _io
+    from dmvae import files as _io
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")  # no file name, like a failing write()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dmvae.dit import LatentDiT, LatentDiTConfig, create_model, list_models
-from dmvae.hub import CheckpointError
+from dmvae.files import CheckpointError
 
 TINY = dict(input_size=4, patch_size=1, in_channels=4, hidden_size=32, depth=2, num_heads=2,
             num_classes=5)

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from dmvae.dit import LatentDiT, LatentDiTConfig, create_model
-from dmvae.hub import read_torch_checkpoint
+from dmvae.files import read_torch_checkpoint
 
 TOL = 1e-4
 

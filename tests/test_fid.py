@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import linalg
 
-from dmvae.hub import CheckpointError
+from dmvae.files import CheckpointError
 from dmvae.metrics import (
     InceptionV3Features,
     InceptionWeightsError,

@@ -13,9 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-from dmvae import hub
+from dmvae import files
 from dmvae._config import ConfigMixin
-from dmvae.hub import CheckpointError, HubMixin
+from dmvae.files import CheckpointError
+from dmvae.hub import HubMixin
 
 
 @dataclass
@@ -145,14 +146,14 @@ def test_missing_sources(tmp_path: Path) -> None:
 
 def test_atomic_write_keeps_previous_file_on_failure(tmp_path: Path, monkeypatch) -> None:
     target = tmp_path / "f.bin"
-    hub.atomic_write_bytes(target, b"old")
+    files.atomic_write_bytes(target, b"old")
 
     def boom(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(hub.os, "replace", boom)
+    monkeypatch.setattr(files.os, "replace", boom)
     with pytest.raises(OSError):
-        hub.atomic_write_bytes(target, b"new")
+        files.atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]  # no temp file left
 

@@ -1,4 +1,4 @@
-"""dmvae._io: atomic writes (file modes), safe readers naming the file, the source resolver."""
+"""dmvae.files and dmvae.sources: atomic writes (file modes), safe readers naming the file, the source resolver."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dmvae import _io
-from dmvae._io import CheckpointError
+from dmvae import files as _io
+from dmvae import sources
+from dmvae.files import CheckpointError
 
 
 def _mode(path: Path) -> int:
@@ -81,19 +82,19 @@ def test_read_state_dict_file_rejects_non_state_dicts(tmp_path: Path) -> None:
 
 
 def test_parse_hf_uri_and_resolve_file(tmp_path: Path) -> None:
-    assert _io.parse_hf_uri("hf://a/b/c/d.pth") == ("a/b", "c/d.pth")
-    assert _io.parse_hf_uri("hf://a/b") == ("a/b", None)
-    assert _io.parse_hf_uri("a/b") is None
+    assert sources.parse_hf_uri("hf://a/b/c/d.pth") == ("a/b", "c/d.pth")
+    assert sources.parse_hf_uri("hf://a/b") == ("a/b", None)
+    assert sources.parse_hf_uri("a/b") is None
     with pytest.raises(ValueError, match="hf://owner/name"):
-        _io.parse_hf_uri("hf://only")
+        sources.parse_hf_uri("hf://only")
     f = tmp_path / "w.pth"
     f.write_bytes(b"x")
-    assert _io.resolve_file(f) == f
+    assert sources.resolve_file(f) == f
     with pytest.raises(FileNotFoundError, match=r"LPIPS weights not found: .*nope.pth"):
-        _io.resolve_file(tmp_path / "nope.pth", what="LPIPS weights")
+        sources.resolve_file(tmp_path / "nope.pth", what="LPIPS weights")
     # offline (the test session sets HF_HUB_OFFLINE=1): cache only, and the error says so
     with pytest.raises(FileNotFoundError, match=r"not in the local cache.*the Hub is unreachable"):
-        _io.resolve_file("hf://nobody/nothing/file.pth", what="weights")
+        sources.resolve_file("hf://nobody/nothing/file.pth", what="weights")
 
 
 _FAST_FAIL = """

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import dmvae.training.checkpoint as ckpt_mod
-from dmvae.hub import CheckpointError
+from dmvae.files import CheckpointError
 from dmvae.training import EMA, latest_checkpoint, linear_warmup, list_checkpoints, load_checkpoint, save_checkpoint
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from dmvae.training.ema import EMA
+from dmvae.ema import EMA
 
 
 def _net() -> nn.Module:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmvae.training.gan import (
+from dmvae.gan import (
     DiffAugment,
     NLayerDiscriminator,
     adaptive_generator_weight,

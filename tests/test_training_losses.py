@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from dmvae.lpips import LPIPS
-from dmvae.training.losses import ReconstructionLoss, ReconstructionLossBreakdown
+from dmvae.losses import ReconstructionLoss, ReconstructionLossBreakdown
 
 
 def _photos() -> torch.Tensor:

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from dmvae.training.stats import LatentStats
+from dmvae.latent_stats import LatentStats
 
 
 def _latents() -> list[torch.Tensor]:
@@ -91,8 +91,8 @@ _WORKER = r"""
 import json, os, random, sys
 import numpy as np
 import torch
-from dmvae.training.distributed import init_distributed, all_reduce_mean, is_main_process, cleanup_distributed
-from dmvae.training.stats import LatentStats
+from dmvae.dist import init_distributed, all_reduce_mean, is_main_process, cleanup_distributed
+from dmvae.latent_stats import LatentStats
 from dmvae.training.checkpoint import save_checkpoint, load_checkpoint
 
 info = init_distributed()
@@ -168,7 +168,7 @@ def test_two_process_gloo(tmp_path: Path) -> None:
 def test_one_estimator_per_channel_report_and_alias() -> None:
     """LatentStats carries the per-channel report; LatentChannelStats is the same estimator."""
     from dmvae.evaluation import LatentChannelStats as FromEvaluation
-    from dmvae.training.stats import LatentChannelStats
+    from dmvae.latent_stats import LatentChannelStats
 
     assert FromEvaluation is LatentChannelStats and issubclass(LatentChannelStats, LatentStats)
     g = torch.Generator().manual_seed(1)

@@ -2,7 +2,7 @@ import torch
 from torch import nn
 
 from dmvae._utils import unwrap_model
-from dmvae.training.ema import EMA
+from dmvae.ema import EMA
 
 
 def test_unwrap_model_strips_nested_wrappers_in_any_order():

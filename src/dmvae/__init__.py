@@ -76,7 +76,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from dmvae._registry import create_model, list_models
     from dmvae.dit import LatentDiT, LatentDiTConfig
     from dmvae.generate import balanced_labels, generate_npz
-    from dmvae.hub import CheckpointError, HubMixin
+    from dmvae.files import CheckpointError
+    from dmvae.hub import HubMixin
     from dmvae.samplers import sample, time_grid
     from dmvae.transport import FlowMatching, FlowMatchingConfig, shift_time
 

@@ -136,7 +136,7 @@ class ConfigMixin:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write :meth:`to_json` to ``path`` atomically."""
-        from dmvae._io import atomic_write_text
+        from dmvae.files import atomic_write_text
 
         return atomic_write_text(Path(path), self.to_json() + "\n")
 
@@ -157,7 +157,7 @@ class ConfigMixin:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Self:
         """Read a ``config.json``; every error names the file (and the field)."""
-        from dmvae._io import read_json
+        from dmvae.files import read_json
 
         data = read_json(path, what=f"{cls.model_name()} config")
         if not isinstance(data, dict):

@@ -29,7 +29,7 @@ from typing import Any
 
 from torch import Tensor
 
-from dmvae._io import CheckpointError
+from dmvae.files import CheckpointError
 
 __all__ = [
     "AUTOENCODER",
@@ -139,7 +139,7 @@ def convert_checkpoint(
     import importlib
 
     from dmvae._config import resolve_config
-    from dmvae._io import read_torch_checkpoint
+    from dmvae.files import read_torch_checkpoint
     from dmvae.hub import CONFIG_NAME, WEIGHTS_NAME
 
     out = Path(output)

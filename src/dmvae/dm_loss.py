@@ -28,7 +28,7 @@ descending L_DM moves z towards the real prediction and away from the fake one, 
 KL(q || p_r). ``normalize=False`` drops the divisor of (E1) (the reference's 2-D toy).
 
 **Eq. 9**: the encoder's total loss is ``L_recon + gamma L_fm + lambda L_DM``; this module gives
-the last two terms, the reconstruction loss is :mod:`dmvae.training.losses`.
+the last two terms, the reconstruction loss is :mod:`dmvae.losses`.
 
 A paper-convention range [a, b] (t = 1 noise) is the library range [1 - b, 1 - a]; the paper's
 annealing "[0, 1] -> [0, 0.5]" (Table 2) is therefore ``TRangeAnneal(start=(0, 1), end=(0.5, 1))``.

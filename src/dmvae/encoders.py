@@ -145,7 +145,7 @@ def load_pretrained_backbone(
                     f"{e}. Download them once, or pass a local weights file."
                 ) from e
     except RuntimeError as e:  # timm's strict load: missing/unexpected keys, size mismatches
-        from dmvae.hub import CheckpointError
+        from dmvae.files import CheckpointError
 
         raise CheckpointError(
             f"could not initialise the {architecture!r} encoder (patch {patch_size}, {img_size} px, "

@@ -21,7 +21,7 @@ FID Inception-v3 (:class:`dmvae.metrics.fid.InceptionV3Features`); tests pass ti
 
 The pieces live in their own homes and are re-exported here for compatibility: image folders and
 crops in :mod:`dmvae.image`, ADM ``.npz`` I/O in :mod:`dmvae.npz`, precision/recall in
-:mod:`dmvae.metrics.precision_recall`, the latent statistics in :mod:`dmvae.training.stats`.
+:mod:`dmvae.metrics.precision_recall`, the latent statistics in :mod:`dmvae.latent_stats`.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ from dmvae.metrics.fid import (
 from dmvae.metrics.image import psnr, ssim
 from dmvae.metrics.precision_recall import precision_recall
 from dmvae.npz import NpzKeyError, iter_npz_images, load_npz_images, npz_image_shape, save_npz_images
-from dmvae.training.stats import LatentChannelStats, LatentStats
+from dmvae.latent_stats import LatentChannelStats, LatentStats
 
 __all__ = [
     "GenerationResult",
@@ -208,7 +208,7 @@ def evaluate_reconstruction(
         device = params[0].device if params else torch.device("cpu")
     device = torch.device(device)
     extractor = _default_extractor(feature_extractor, inception_weights, device) if fid else None
-    from dmvae.training.distributed import all_reduce_sum, get_rank, get_world_size
+    from dmvae.dist import all_reduce_sum, get_rank, get_world_size
 
     rank, world = get_rank(), get_world_size()
     if world > 1:

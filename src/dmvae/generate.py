@@ -19,7 +19,7 @@ Reproducibility and resumption:
   duplicates one. The shards carry a fingerprint of the weights (digests of both models' tensors
   and configs) and of every setting that changes the images; a resume with another model or
   other settings is refused;
-* ranks (``torchrun``; read through :mod:`dmvae.training.distributed`) take batches ``b`` with
+* ranks (``torchrun``; read through :mod:`dmvae.dist`) take batches ``b`` with
   ``b % world_size == rank``; rank 0 merges.
 """
 
@@ -236,7 +236,7 @@ def generate_npz(
         batch_size: images per model batch and per shard (part of the fingerprint).
         seed: base seed; see the module docstring.
         rank, world_size: this process's share of the batches (default: from
-            :mod:`dmvae.training.distributed`, i.e. torchrun's process group).
+            :mod:`dmvae.dist`, i.e. torchrun's process group).
         progress: tqdm bar over this rank's batches.
         device: where to sample (default: the DiT's device).
         autocast_dtype: e.g. ``torch.bfloat16`` to sample and decode under autocast (the release).
@@ -248,7 +248,7 @@ def generate_npz(
     Returns:
         the merged ``.npz`` path on rank 0, ``None`` on other ranks.
     """
-    from dmvae.training.distributed import barrier, get_rank, get_world_size
+    from dmvae.dist import barrier, get_rank, get_world_size
 
     if "num_steps" not in sampler_kwargs:
         raise ValueError("generate_npz needs the sampler's num_steps= (integration steps)")

@@ -1,6 +1,6 @@
 """Strict model loading and saving shared by every model in the library.
 
-What this module guarantees (file I/O itself lives in :mod:`dmvae._io`):
+What this module guarantees (file I/O itself lives in :mod:`dmvae.files`, sources in :mod:`dmvae.sources`):
 
 * **No pickled code is ever executed.** Reference ``.pt`` files go through
   ``torch.load(weights_only=True)``; our own files are safetensors.
@@ -30,30 +30,17 @@ import torch
 from torch import nn
 from typing_extensions import Self
 
-from dmvae._io import (
+from dmvae.files import (
     CheckpointError,
     atomic_save_safetensors,
     atomic_write_bytes,
     atomic_write_text,
-    locate,
-    pickle_error_types,  # noqa: F401 - re-exported
     read_safetensors,
     read_torch_checkpoint,
-    resolve_hub_file,
 )
+from dmvae.sources import locate, resolve_hub_file
 
-__all__ = [  # the I/O names are re-exported from dmvae._io for compatibility
-    "CheckpointError",
-    "HubMixin",
-    "atomic_save_safetensors",
-    "atomic_write_bytes",
-    "atomic_write_text",
-    "check_state_dict",
-    "load_state_dict_strict",
-    "read_safetensors",
-    "read_torch_checkpoint",
-    "resolve_hub_file",
-]
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "HubMixin", "check_state_dict", "load_state_dict_strict"]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -254,7 +241,7 @@ class HubMixin:
         token: str | bool | None = None,
     ) -> tuple[Path, Path | None]:
         """Return (weights file, config.json or None) for any supported ``source``
-        (see :func:`dmvae._io.locate`)."""
+        (see :func:`dmvae.sources.locate`)."""
         if not isinstance(source, (str, os.PathLike)):
             raise TypeError(
                 f"source must be a path, a Hugging Face repo id or 'hf://owner/name', got {type(source).__name__}"

@@ -427,7 +427,7 @@ def save_image_grid(
     """
     import io
 
-    from dmvae._io import atomic_write_bytes
+    from dmvae.files import atomic_write_bytes
 
     path = Path(path)
     if not overwrite and path.exists():

@@ -37,8 +37,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from dmvae._io import atomic_save_safetensors, atomic_write_text, read_json
-from dmvae.training.distributed import barrier, get_rank, get_world_size, is_main_process
+from dmvae.files import atomic_save_safetensors, atomic_write_text, read_json
+from dmvae.dist import barrier, get_rank, get_world_size, is_main_process
 
 __all__ = ["CacheInfo", "LatentDataset", "cache_latents", "encoder_hash", "read_cache_info", "CACHE_FORMAT"]
 
@@ -227,7 +227,7 @@ def _statistics(directory: Path, info: CacheInfo) -> dict[str, Any]:
     """Global and per-channel mean / std / scale of the un-normalised latents (both flip variants)."""
     from safetensors import safe_open
 
-    from dmvae.training.stats import LatentStats
+    from dmvae.latent_stats import LatentStats
 
     stats = LatentStats()  # exact estimator: independent of shard and batch sizes
     for k in range(info.num_shards):

@@ -143,7 +143,7 @@ def convert_lpips_state_dict(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def _read_file(path: Path) -> dict[str, Tensor]:
     """A flat state dict from a weights file, through the library's safe readers."""
-    from dmvae._io import CheckpointError, read_state_dict_file
+    from dmvae.files import CheckpointError, read_state_dict_file
 
     if not path.is_file():
         raise LPIPSWeightsError(f"LPIPS weights file not found: {path}")
@@ -154,7 +154,7 @@ def _read_file(path: Path) -> dict[str, Tensor]:
 
 
 def _resolve_source(src: WeightsSource) -> tuple[dict[str, Tensor], str]:
-    from dmvae._io import resolve_file
+    from dmvae.sources import resolve_file
 
     if isinstance(src, Mapping):
         return dict(src), "<state dict>"

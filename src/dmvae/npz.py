@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dmvae._io import atomic_write, atomic_write_bytes, atomic_write_text
+from dmvae.files import atomic_write, atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "IncompleteShardsError",
@@ -247,7 +247,7 @@ class ShardedNpzWriter:
         """Create the shard directory, or check that an existing one belongs to this run."""
         self.shard_dir.mkdir(parents=True, exist_ok=True)
         if self.meta_path.is_file():
-            from dmvae._io import read_json
+            from dmvae.files import read_json
 
             old = read_json(self.meta_path, "shard directory metadata")
             old_fp = old.get("fingerprint") if isinstance(old, dict) else None

@@ -228,7 +228,7 @@ def default_num_workers(limit: int = 4) -> int:
 def config_arg(value: str | None) -> Any:
     """A preset name, or the parsed contents of a ``config.json`` path."""
     if value is not None and value.endswith(".json"):
-        from dmvae._io import read_json
+        from dmvae.files import read_json
 
         return read_json(value, "config file")
     return value

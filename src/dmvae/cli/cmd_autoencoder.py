@@ -145,7 +145,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
 def _save_png(img: Any, path: Path) -> None:
     import io
 
-    from dmvae._io import atomic_write_bytes
+    from dmvae.files import atomic_write_bytes
 
     buf = io.BytesIO()
     img.save(buf, format="PNG")
@@ -182,7 +182,7 @@ def run_encode(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from dmvae._io import atomic_save_safetensors
+    from dmvae.files import atomic_save_safetensors
     from dmvae.image import pil_to_tensor
 
     paths, rel, labels, classes = _relative_names(args.images)
@@ -228,7 +228,7 @@ def run_decode(args: argparse.Namespace) -> int:
     from safetensors import safe_open
     from tqdm.auto import tqdm
 
-    from dmvae._io import read_safetensors
+    from dmvae.files import read_safetensors
     from dmvae.image import tensor_to_pil
 
     tensors = read_safetensors(args.latents)

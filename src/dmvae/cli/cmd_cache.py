@@ -45,7 +45,7 @@ def run_cache(args: argparse.Namespace) -> int:
     from dmvae.cli._common import default_num_workers, load_autoencoder
     from dmvae.latent_cache import cache_latents
     from dmvae.training.data import build_dataset, center_crop_transform
-    from dmvae.training.distributed import cleanup_distributed, init_distributed, is_main_process
+    from dmvae.dist import cleanup_distributed, init_distributed, is_main_process
 
     workers = default_num_workers() if args.num_workers is None else args.num_workers
     info = init_distributed(device=args.device)

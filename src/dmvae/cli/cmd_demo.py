@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         if to_stdout:
             print(text)
         else:
-            from dmvae._io import atomic_write_text
+            from dmvae.files import atomic_write_text
 
             atomic_write_text(args.json, text + "\n")
             print(f"wrote {args.json}")
@@ -122,7 +122,7 @@ def _save_points(path: Path, points) -> str:
 
     import numpy as np
 
-    from dmvae._io import atomic_write_bytes
+    from dmvae.files import atomic_write_bytes
 
     buf = io.BytesIO()
     np.save(buf, points.numpy().astype(np.float32))

@@ -123,7 +123,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def _emit(results: dict[str, Any], to_stdout: bool, out: Path | None, summary_keys: tuple[str, ...]) -> None:
-    from dmvae._io import atomic_write_text
+    from dmvae.files import atomic_write_text
 
     payload = json.dumps(_jsonable(results), indent=2)
     if out is not None:

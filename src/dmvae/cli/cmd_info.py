@@ -86,7 +86,7 @@ def describe(source: str) -> dict[str, Any]:
     path = Path(source)
     cfg_file = path / "config.json" if path.is_dir() else path
     if cfg_file.is_file() and cfg_file.suffix == ".json":
-        from dmvae._io import read_json
+        from dmvae.files import read_json
 
         data = read_json(cfg_file, "config file")
         if not isinstance(data, dict):

@@ -100,7 +100,7 @@ def _check_args(args: argparse.Namespace) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dmvae.training.distributed import cleanup_distributed, init_distributed, is_distributed
+    from dmvae.dist import cleanup_distributed, init_distributed, is_distributed
 
     npz_mode = _check_args(args)
     out = check_output_file(args.out, overwrite=args.overwrite)  # before loading anything

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dmvae._io import atomic_write_bytes
+from dmvae.files import atomic_write_bytes
 from dmvae.demo.objectives import FINDINGS
 
 if TYPE_CHECKING:  # pragma: no cover

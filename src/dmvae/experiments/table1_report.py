@@ -92,7 +92,7 @@ def samples_grid(real: Tensor, samples: dict[str, Tensor], per_class: int, num_c
 
 def write_outputs(result: dict, out: str | os.PathLike[str], *, overwrite: bool = False) -> list[Path]:
     """Write the three files atomically into ``out``; refuse to replace them unless ``overwrite``."""
-    from dmvae._io import atomic_write_bytes, atomic_write_text
+    from dmvae.files import atomic_write_bytes, atomic_write_text
     from dmvae.image import make_grid
 
     out = Path(out)

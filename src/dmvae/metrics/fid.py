@@ -207,7 +207,7 @@ def save_reference_stats(path: str | os.PathLike[str], mu: ArrayLike, sigma: Arr
     """Atomically write ``mu``/``sigma`` (float64) to ``path`` (an ``.npz``, adm_in256_stats layout)."""
     import io
 
-    from dmvae._io import atomic_write_bytes
+    from dmvae.files import atomic_write_bytes
 
     mu_a, sigma_a = _as_float64(mu, "mu"), _as_float64(sigma, "sigma")
     if mu_a.ndim != 1 or sigma_a.shape != (mu_a.shape[0], mu_a.shape[0]):
@@ -365,7 +365,7 @@ def find_inception_weights(weights: str | os.PathLike[str] | None = None) -> Pat
     for source, origin in ((weights, "weights="), (os.environ.get(INCEPTION_ENV), f"${INCEPTION_ENV}")):
         if source is None or str(source) == "":
             continue
-        from dmvae._io import resolve_file
+        from dmvae.sources import resolve_file
 
         try:
             return resolve_file(source, what=f"Inception-v3 weights ({origin})")
@@ -454,7 +454,7 @@ class InceptionV3Features(nn.Module):
         elif isinstance(weights, Mapping):
             sd, source = dict(weights), "the given state dict"
         else:
-            from dmvae._io import read_state_dict_file
+            from dmvae.files import read_state_dict_file
 
             path = find_inception_weights(weights)
             source = str(path)

@@ -4,7 +4,7 @@ This is how the paper realises every data-derived prior (App. B.2, "reference mo
 teacher of the DM loss is a LightningDiT trained by flow matching on samples z ~ p_r, then frozen.
 :func:`fit_reference_model` is that training loop (:class:`~dmvae.transport.FlowMatching`: uniform
 t, velocity MSE; AdamW (0.9, 0.95), gradient clipping 1.0, as the reference; optionally an
-:class:`~dmvae.training.ema.EMA`); :class:`LearnedPrior` wraps the trained model as a
+:class:`~dmvae.ema.EMA`); :class:`LearnedPrior` wraps the trained model as a
 :class:`~dmvae.priors.ReferencePrior` (velocity = the network with optional CFG through
 :func:`dmvae.transport.guided_velocity`, sampling with :func:`dmvae.samplers.sample`).
 Time convention: t = 1 data, t = 0 noise; ``x_t = t x + (1 - t) eps``, target ``x - eps``.
@@ -169,7 +169,7 @@ def fit_reference_model(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if lr_schedule not in ("constant", "cosine"):
         raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
-    from dmvae.training.ema import EMA
+    from dmvae.ema import EMA
 
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(dev).train().requires_grad_(True)

@@ -99,7 +99,7 @@ class SamplesPrior(ReferencePrior):
         chunk_size: int = 4096,
     ) -> None:
         if isinstance(samples, (str, os.PathLike)):
-            from dmvae.hub import read_safetensors
+            from dmvae.files import read_safetensors
 
             tensors = read_safetensors(Path(samples))
             if key not in tensors:

@@ -23,7 +23,7 @@ from dmvae.training.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from dmvae.training.distributed import (
+from dmvae.dist import (
     DistInfo,
     GlobalBatchRandom,
     all_reduce_gradients,
@@ -39,8 +39,8 @@ from dmvae.training.distributed import (
     local_rows,
     wrap_ddp,
 )
-from dmvae.training.ema import EMA
-from dmvae.training.gan import (
+from dmvae.ema import EMA
+from dmvae.gan import (
     DiffAugment,
     DiscriminatorLossBreakdown,
     NLayerDiscriminator,
@@ -65,7 +65,7 @@ from dmvae.training.data import (
 )
 from dmvae.training.logger import MetricLogger, RunningMeans
 from dmvae.training.sampler import ResumableDistributedSampler, TrainLoader
-from dmvae.training.losses import ReconstructionLoss, ReconstructionLossBreakdown
+from dmvae.losses import ReconstructionLoss, ReconstructionLossBreakdown
 from dmvae.training.schedule import (
     LinearWarmup,
     TwoTimeScaleSchedule,
@@ -76,7 +76,7 @@ from dmvae.training.schedule import (
     set_trainable,
     unfreeze,
 )
-from dmvae.training.stats import LatentStats
+from dmvae.latent_stats import LatentStats
 
 __all__ = [
     "Checkpoint",

@@ -42,10 +42,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from dmvae._io import CheckpointError, fsync_dir, read_json, read_safetensors, read_torch_checkpoint, safetensors_bytes
+from dmvae.files import CheckpointError, fsync_dir, read_json, read_safetensors, read_torch_checkpoint, safetensors_bytes
 from dmvae._utils import unwrap_model
 from dmvae.hub import check_state_dict
-from dmvae.training.distributed import barrier, get_rank, get_world_size, is_distributed
+from dmvae.dist import barrier, get_rank, get_world_size, is_distributed
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "Checkpoint"]
 

@@ -39,8 +39,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dmvae._io import atomic_write_text
-from dmvae.training.distributed import all_reduce_mean, is_main_process
+from dmvae.files import atomic_write_text
+from dmvae.dist import all_reduce_mean, is_main_process
 
 __all__ = ["RunningMeans", "MetricLogger", "LOG_BACKENDS"]
 

@@ -8,7 +8,7 @@ that yields ``(index, sample_seed)`` keys so that the random augmentation of eve
 Sample placement: the epoch's permutation is cut into global batches of ``G = world_size * b``
 positions; rank r holds positions r, r + W, r + 2W, ... (``DistributedSampler``'s interleaving). So
 global batch k is the same set of samples for any ``world_size`` with the same ``G``, epochs have
-``len(dataset) // G`` steps, and :func:`dmvae.training.distributed.local_rows` slices any per-step
+``len(dataset) // G`` steps, and :func:`dmvae.dist.local_rows` slices any per-step
 draw over the global batch to this rank's samples.
 
 :class:`TrainLoader` is the endless step iterator the examples use: it wraps a ``DataLoader``
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from dmvae.training.distributed import get_rank, get_world_size
+from dmvae.dist import get_rank, get_world_size
 
 __all__ = ["ResumableDistributedSampler", "TrainLoader", "sample_seed"]
 

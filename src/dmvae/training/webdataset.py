@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from dmvae.image import pil_to_rgb
-from dmvae.training.distributed import get_rank
+from dmvae.dist import get_rank
 
 __all__ = ["ShardLoader", "IMAGE_KEYS"]
 

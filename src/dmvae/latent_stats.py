@@ -159,7 +159,7 @@ class LatentStats:
 
     def _synced(self) -> LatentStats:
         """A copy holding the combined accumulators of every process (self if not distributed)."""
-        from dmvae.training.distributed import get_world_size, is_distributed
+        from dmvae.dist import get_world_size, is_distributed
 
         if not (is_distributed() and get_world_size() > 1):
             return self
@@ -285,7 +285,7 @@ class LatentStats:
         if progress:
             from tqdm.auto import tqdm
 
-            from dmvae.training.distributed import is_main_process
+            from dmvae.dist import is_main_process
 
             it = tqdm(loader, desc="latent stats", total=max_batches, disable=not is_main_process())
         with torch.no_grad():

@@ -169,7 +169,7 @@ def adaptive_generator_weight(
         )
     (g_rec,) = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)
     (g_gan,) = torch.autograd.grad(gan_loss, last_layer, retain_graph=True)
-    from dmvae.training.distributed import all_reduce_mean, get_world_size
+    from dmvae.dist import all_reduce_mean, get_world_size
 
     if sync if sync is not None else get_world_size() > 1:
         g_rec, g_gan = all_reduce_mean(torch.stack([g_rec, g_gan])).unbind(0)
