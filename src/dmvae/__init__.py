@@ -45,6 +45,8 @@ _EXPORTS: dict[str, str] = {
     "list_priors": "dmvae.priors",
     "DistributionMatchingLoss": "dmvae.dm_loss",
     "TRangeAnneal": "dmvae.dm_loss",
+    "DMHealth": "dmvae.dm_health",
+    "HealthThresholds": "dmvae.dm_health",
     # evaluation
     "evaluate_reconstruction": "dmvae.evaluation",
     "evaluate_generation": "dmvae.evaluation",
@@ -57,6 +59,7 @@ __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmvae.autoencoder import DMVAE, DMVAEConfig, DMVAEOutput, list_presets
+    from dmvae.dm_health import DMHealth, HealthThresholds
     from dmvae.dm_loss import DistributionMatchingLoss, TRangeAnneal
     from dmvae.evaluation import evaluate_generation, evaluate_reconstruction
     from dmvae.priors import (
