@@ -289,6 +289,18 @@ def _trained(seed: int):
     return model, opt, sched
 
 
+def _rehash(step_dir) -> None:
+    """Record the current size and SHA-256 of every file in the manifest: a consistent but wrong
+    checkpoint, so that the checks behind the content hashes are reached."""
+    import hashlib
+
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    for name in manifest["files"]:
+        data = (step_dir / name).read_bytes()
+        manifest["files"][name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (step_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
 def test_failed_loads_change_nothing(tmp_path) -> None:
     model, opt, sched = _trained(0)
     save_checkpoint(tmp_path, 1, model=model, opt=opt, sched=sched)
@@ -313,6 +325,9 @@ def test_failed_loads_change_nothing(tmp_path) -> None:
     # a bad rng.pt: the model and the optimizer are not restored either
     step_dir = tmp_path / "step_00000001"
     torch.save([{"torch": torch.zeros(3, dtype=torch.uint8)}], step_dir / "rng.pt")
+    with pytest.raises(CheckpointError, match="rng.pt: .* manifest.json records"):  # caught by the hashes
+        load_checkpoint(tmp_path, model=t_model, opt=t_opt, sched=t_sched)
+    _rehash(step_dir)
     rng_before = torch.get_rng_state().clone(), np.random.get_state()[1].copy(), random.getstate()
     with pytest.raises(CheckpointError, match="rng.pt: invalid RNG state"):
         load_checkpoint(tmp_path, model=t_model, opt=t_opt, sched=t_sched)
@@ -350,6 +365,7 @@ def test_module_with_meta_or_integer_tensor_is_refused_before_loading(tmp_path) 
 
     save_file({"weight": model.weight.detach().round().to(torch.int64), "bias": model.bias.detach()},
               str(p / "model.safetensors"))
+    _rehash(p)
     target = nn.Linear(3, 2)
     before = _state(target)
     with pytest.raises(CheckpointError, match="weight has dtype torch.int64; expected floating-point"):

@@ -220,4 +220,4 @@ def test_webdataset_shards(tmp_path: Path) -> None:
         seen |= set(x[:, 0, 0, 0].tolist())
         assert set(y.tolist()) <= {0, 1, 2}
     assert seen <= {1, 2, 3, 4, 5, 6} and len(seen) > 1  # 16-bit values decoded by bit depth, not clipped
-    assert loader.num_classes == 3 and loader.state_dict() == {"stream_batches": 6}
+    assert loader.num_classes == 3 and loader.state_dict()["stream_batches"] == 6

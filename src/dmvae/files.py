@@ -8,6 +8,8 @@ Every file the library writes or reads goes through here:
   (``0o666 & ~umask``, not ``mkstemp``'s ``0o600``) and is moved into place with ``os.replace``.
   A reader sees the old file or the new one, never a mixture; an interrupted write leaves no
   partial file.
+* **Output replacement** (:func:`replace_output_dir`): a directory is deleted only if it carries
+  the tool's own marker file and is neither an input nor a parent of an input.
 * **Safe readers** (:func:`read_safetensors`, :func:`read_torch_checkpoint`, :func:`read_json`):
   no pickled code is ever executed (``torch.load(weights_only=True)``); every failure names the
   file (and, for JSON, the position and the field being read).
@@ -29,15 +31,23 @@ from typing import IO, Any
 import torch
 
 __all__ = [
+    "MARKER_NAME",
     "CheckpointError",
+    "OutputReplaceError",
     "atomic_save_safetensors",
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_text",
+    "file_sha256",
+    "marker_tool",
     "read_json",
     "read_safetensors",
+    "read_safetensors_header",
     "read_state_dict_file",
     "read_torch_checkpoint",
+    "replace_output_dir",
+    "replace_refusal",
+    "write_marker",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -179,6 +189,55 @@ def read_safetensors(path: PathLike, device: str = "cpu") -> dict[str, torch.Ten
         raise CheckpointError(f"{path} is not a readable safetensors file (corrupt or truncated?): {e}") from e
 
 
+MAX_SAFETENSORS_HEADER = 100 * 2**20  # the format's own limit (100 MB)
+
+
+def read_safetensors_header(path: PathLike) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """The tensor table ``{name: {"dtype", "shape", "data_offsets"}}`` and the metadata of a
+    safetensors file, read without loading any tensor. The file's size must be exactly the
+    header's plus the data it lists (a truncated or padded file raises :class:`CheckpointError`)."""
+    import struct
+
+    path = _require_file(path, "safetensors file")
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: {size} bytes, too short for a safetensors file (truncated?)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(MAX_SAFETENSORS_HEADER, size - 8):
+                raise CheckpointError(f"{path}: header length {n} does not fit the file of {size} bytes "
+                                      "(corrupt or truncated)")
+            header = json.loads(f.read(n).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    end = 0
+    for name, entry in header.items():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+                or not isinstance(entry.get("shape"), list)):
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry")
+        end = max(end, offsets[1])
+    if size != 8 + n + end:
+        raise CheckpointError(f"{path}: {size} bytes, the header lists {8 + n + end} (truncated or damaged)")
+    return header, meta
+
+
+def file_sha256(path: PathLike, chunk: int = 2**22) -> str:
+    """SHA-256 (hex) of a file's bytes, read in chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
 def pickle_error_types() -> tuple[type[BaseException], ...]:
     """What ``torch.load(weights_only=True)`` raises for a corrupt or code-carrying file."""
     import pickle
@@ -239,3 +298,85 @@ def read_json(path: PathLike, what: str = "JSON file") -> Any:
         raise ValueError(
             f"{path} ({what}) is not valid JSON: {e.msg} at line {e.lineno}, column {e.colno}{near}"
         ) from e
+
+
+# --------------------------------------------------------------------------------------------
+# replacing output directories: only what this tool made, never an input
+# --------------------------------------------------------------------------------------------
+
+MARKER_NAME = ".dmvae-output.json"
+
+
+class OutputReplaceError(FileExistsError):
+    """An output directory that :func:`replace_output_dir` refuses to delete (and why)."""
+
+
+def write_marker(directory: PathLike, tool: str) -> Path:
+    """Mark ``directory`` as an output of ``tool`` (``.dmvae-output.json``); only a directory with
+    this marker is ever deleted by :func:`replace_output_dir`."""
+    return atomic_write_text(Path(directory) / MARKER_NAME, json.dumps({"tool": tool}) + "\n")
+
+
+def marker_tool(directory: PathLike) -> str | None:
+    """The tool named by ``directory``'s marker, or None (no marker, a symlinked marker, or an unreadable one)."""
+    marker = Path(directory) / MARKER_NAME
+    try:
+        if not marker.is_file() or marker.is_symlink():
+            return None
+        data = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    tool = data.get("tool") if isinstance(data, dict) else None
+    return tool if isinstance(tool, str) else None
+
+
+def _real(path: PathLike) -> Path:
+    return Path(os.path.realpath(os.path.abspath(os.fspath(path))))
+
+
+def replace_refusal(path: PathLike, *, tool: str, inputs: Any = ()) -> str | None:
+    """Why :func:`replace_output_dir` would refuse to delete ``path`` (None: it may be deleted).
+
+    The rule: ``path`` is a real directory (not a symlink), carries ``tool``'s own marker, and is
+    neither one of ``inputs`` nor a parent of one (paths compared after resolving symlinks)."""
+    path = Path(path)
+    if path.is_symlink():
+        return "it is a symbolic link (dmvae never deletes through a link)"
+    if not path.is_dir():
+        return "it is not a directory"
+    real = _real(path)
+    for inp in inputs:
+        r = _real(inp)
+        if r == real:
+            return f"it is an input of this run ({inp})"
+        if real in r.parents:
+            return f"it contains an input of this run ({inp})"
+    owner = marker_tool(path)
+    if owner != tool:
+        return (f"it was not made by dmvae {tool} (no {MARKER_NAME} marker)" if owner is None
+                else f"it was made by dmvae {owner}, not by dmvae {tool}")
+    return None
+
+
+def replace_output_dir(path: PathLike, *, tool: str, inputs: Any = ()) -> Path:
+    """Make ``path`` a fresh, empty output directory of ``tool`` (with its marker).
+
+    An existing ``path`` is deleted only under the rule of :func:`replace_refusal`, otherwise
+    :class:`OutputReplaceError` names the reason and the fix. Deletion is rename-then-delete: the
+    directory is first renamed to a hidden ``.<name>.deleting-*`` sibling, so a crash leaves no
+    half-deleted output under the output's name."""
+    import shutil
+    import uuid
+
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        why = replace_refusal(path, tool=tool, inputs=inputs)
+        if why is not None:
+            raise OutputReplaceError(f"refusing to replace {path}: {why}; choose another output directory "
+                                     "or delete it yourself")
+        trash = path.parent / f".{path.name}.deleting-{uuid.uuid4().hex[:8]}"
+        os.rename(path, trash)
+        shutil.rmtree(trash)
+    path.mkdir(parents=True)
+    write_marker(path, tool)
+    return path

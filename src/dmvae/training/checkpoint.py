@@ -13,7 +13,13 @@ Layout (one directory per step, ``keep_last`` newest kept)::
 
 Everything is written into ``<dir>/.tmp-...`` first and renamed to ``step_XXXXXXXX`` only when
 complete, so a crash (or an exception) mid-save leaves the previous checkpoints untouched and
-loadable; leftovers are removed by the next successful save. Re-saving an existing step moves the
+loadable; leftovers are removed by the next successful save. ``manifest.json`` records the size and
+SHA-256 of every file of the step, checked on load (a flipped byte is an error naming the file);
+entry names are confined to the step directory (identifiers only, no symbolic links).
+
+Pruning (``keep_last``) renames a step to ``.del-step_XXXXXXXX-*`` (one atomic rename: from then on
+it is invisible) before deleting its files, so a kill at any instant leaves every listed step
+complete; half-deleted ``.del-*`` directories are removed by the next save. Re-saving an existing step moves the
 old directory aside as ``.old-step_XXXXXXXX-*`` before the new one is renamed in; the aside copy is
 complete and :func:`list_checkpoints` counts it for its step until the new directory exists, so at
 no instant is the step missing, and the next save puts it back instead of deleting it.
@@ -34,6 +40,7 @@ import random
 import re
 import shutil
 import uuid
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,18 +49,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from dmvae.files import CheckpointError, fsync_dir, read_json, read_safetensors, read_torch_checkpoint, safetensors_bytes
 from dmvae._utils import unwrap_model
-from dmvae.hub import check_state_dict
 from dmvae.dist import barrier, get_rank, get_world_size, is_distributed
+from dmvae.files import (
+    CheckpointError,
+    file_sha256,
+    fsync_dir,
+    read_json,
+    read_safetensors,
+    read_torch_checkpoint,
+    safetensors_bytes,
+)
+from dmvae.hub import check_state_dict
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints", "Checkpoint"]
+__all__ = ["Checkpoint", "latest_checkpoint", "list_checkpoints", "load_checkpoint", "save_checkpoint"]
 
 FORMAT = "dmvae-training-checkpoint/1"
 _STEP_RE = re.compile(r"step_(\d+)")
 _ASIDE_RE = re.compile(r"\.old-step_(\d+)-[0-9a-f]+")
+_DELETING_RE = re.compile(r"\.del-step_(\d+)-[0-9a-f]+")
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 _RESERVED = {"step", "rng", "tensors", "manifest"}
+_FILE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*\.(safetensors|pt)")  # no separators, no "..", not absolute
 
 
 @dataclass
@@ -115,23 +132,60 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def _write_synced(path: Path, data: bytes) -> None:
+def _fault_point(stage: str) -> None:
+    """Called at every step of a save and of a prune (a fault-injection point for the kill trials
+    of the tests; does nothing)."""
+
+
+def _write_synced(path: Path, data: bytes, files: dict[str, Any] | None = None) -> None:
+    """Write and fsync ``path``; record its size and SHA-256 in ``files`` (the manifest's table)."""
+    import hashlib
+
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    if files is not None:
+        files[path.name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    _fault_point("write")
 
 
-def _save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    _write_synced(path, safetensors_bytes(tensors, metadata))
+def _save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None,
+                  files: dict[str, Any] | None = None) -> None:
+    _write_synced(path, safetensors_bytes(tensors, metadata), files)
 
 
-def _torch_save(obj: Any, path: Path) -> None:
+def _torch_save(obj: Any, path: Path, files: dict[str, Any] | None = None) -> None:
     import io
 
     buf = io.BytesIO()
     torch.save(obj, buf)
-    _write_synced(path, buf.getvalue())
+    _write_synced(path, buf.getvalue(), files)
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete a directory tree file by file (never following a symbolic link), calling the fault
+    point after each removal."""
+    for root, dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            os.unlink(os.path.join(root, name))
+            _fault_point("unlink")
+        for name in dirs:
+            p = os.path.join(root, name)
+            os.unlink(p) if os.path.islink(p) else os.rmdir(p)
+    os.rmdir(path)
+    _fault_point("rmdir")
+
+
+def _discard(directory: Path, p: Path) -> None:
+    """Make step directory ``p`` invisible with one rename, then delete it (rename-then-delete)."""
+    m = _STEP_RE.fullmatch(p.name) or _ASIDE_RE.fullmatch(p.name)
+    step = int(m.group(1)) if m else 0
+    trash = directory / f".del-step_{step:08d}-{uuid.uuid4().hex[:8]}"
+    os.rename(p, trash)
+    fsync_dir(directory)
+    _fault_point("discard-renamed")
+    _remove_tree(trash)
 
 
 def _is_complete(path: Path) -> bool:
@@ -231,18 +285,19 @@ def save_checkpoint(
     tmp.mkdir()
     old: Path | None = None
     try:
-        manifest: dict[str, Any] = {"format": FORMAT, "step": step, "entries": {}, "json": {}}
+        files: dict[str, Any] = {}
+        manifest: dict[str, Any] = {"format": FORMAT, "step": step, "entries": {}, "json": {}, "files": files}
         tensors: dict[str, torch.Tensor] = {}
         for name, obj in state.items():
             obj = unwrap_model(obj)
             if isinstance(obj, nn.Module):
-                _save_tensors(obj.state_dict(), tmp / f"{name}.safetensors", {"class": type(obj).__name__})
+                _save_tensors(obj.state_dict(), tmp / f"{name}.safetensors", {"class": type(obj).__name__}, files)
                 manifest["entries"][name] = {"kind": "module", "class": type(obj).__name__}
             elif isinstance(obj, torch.Tensor):
                 tensors[name] = obj
                 manifest["entries"][name] = {"kind": "tensor"}
             elif callable(getattr(obj, "state_dict", None)):
-                _torch_save(obj.state_dict(), tmp / f"{name}.pt")
+                _torch_save(obj.state_dict(), tmp / f"{name}.pt", files)
                 manifest["entries"][name] = {"kind": "state_dict", "class": type(obj).__name__}
             elif callable(getattr(obj, "to_dict", None)) and _is_jsonable(obj.to_dict()):
                 manifest["json"][name] = obj.to_dict()
@@ -256,9 +311,9 @@ def save_checkpoint(
                     "an object with state_dict(), a tensor, or a JSON-able value"
                 )
         if tensors:
-            _save_tensors(tensors, tmp / "tensors.safetensors")
+            _save_tensors(tensors, tmp / "tensors.safetensors", files=files)
         if rng is not None:
-            _torch_save(rng, tmp / "rng.pt")
+            _torch_save(rng, tmp / "rng.pt", files)
             manifest["rng_ranks"] = len(rng)
         # last: its presence marks a complete write
         _write_synced(tmp / "manifest.json", json.dumps(manifest, indent=2).encode())
@@ -268,8 +323,10 @@ def save_checkpoint(
             old = directory / f".old-{final.name}-{uuid.uuid4().hex[:8]}"
             os.replace(final, old)
             _between_renames()
+            _fault_point("aside")
         os.replace(tmp, final)
         fsync_dir(directory)
+        _fault_point("renamed")
     except BaseException:
         if old is not None and not final.exists():  # put the previous copy of this step back
             os.rename(old, final)
@@ -278,15 +335,21 @@ def save_checkpoint(
     finally:
         barrier()
 
-    # Successful: clean leftovers of interrupted saves (asides only once their step exists), prune.
-    for p in directory.iterdir():
-        if p.name.startswith(".tmp-step_") and p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        elif (m := _ASIDE_RE.fullmatch(p.name)) and _is_complete(directory / f"step_{int(m.group(1)):08d}"):
-            shutil.rmtree(p, ignore_errors=True)
-    if keep_last is not None:
-        for _, p in list_checkpoints(directory)[:-keep_last]:
-            shutil.rmtree(p, ignore_errors=True)
+    # Successful: clean leftovers of interrupted saves and prunes (asides only once their step
+    # exists), then prune; every removal of a listed directory is rename-then-delete.
+    try:
+        for p in sorted(directory.iterdir()):
+            if p.is_symlink() or not p.is_dir():
+                continue
+            if p.name.startswith(".tmp-step_") or _DELETING_RE.fullmatch(p.name):
+                _remove_tree(p)
+            elif (m := _ASIDE_RE.fullmatch(p.name)) and _is_complete(directory / f"step_{int(m.group(1)):08d}"):
+                _discard(directory, p)
+        if keep_last is not None:
+            for _, p in list_checkpoints(directory)[:-keep_last]:
+                _discard(directory, p)
+    except OSError as e:  # the checkpoint is saved; a leftover is removed by a later save
+        warnings.warn(f"checkpoint {final} saved, but cleaning old files in {directory} failed: {e}", stacklevel=2)
     return final
 
 
@@ -311,17 +374,46 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{file}: field 'entries' is {'missing' if entries is None else type(entries).__name__}, "
                               "expected an object (the checkpoint is damaged)")
     for name, info in entries.items():
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or name in _RESERVED:
+            raise CheckpointError(f"{file}: invalid entry name {name!r} (entry names are identifiers; the "
+                                  "checkpoint is damaged or was not written by dmvae)")
         if not isinstance(info, dict) or info.get("kind") not in ("module", "state_dict", "tensor", "json"):
             raise CheckpointError(f"{file}: entry {name!r} has no valid 'kind' ({info!r})")
         if info["kind"] == "json" and name not in manifest.get("json", {}):
             raise CheckpointError(f"{file}: JSON entry {name!r} has no value in field 'json'")
+    files = manifest.get("files")
+    if files is not None:
+        if not isinstance(files, dict):
+            raise CheckpointError(f"{file}: field 'files' must be an object, got {type(files).__name__}")
+        for name, rec in files.items():
+            if (not isinstance(name, str) or not _FILE_RE.fullmatch(name)
+                    or not isinstance(rec, dict) or not isinstance(rec.get("sha256"), str)
+                    or isinstance(rec.get("size"), bool) or not isinstance(rec.get("size"), int)):
+                raise CheckpointError(f"{file}: invalid file record {name!r}: {rec!r} (a file name inside the "
+                                      "step directory with its 'size' and 'sha256')")
     return manifest
 
 
-def _entry_file(path: Path, name: str) -> Path:
+def _entry_file(path: Path, name: str, files: Mapping[str, Any] | None = None) -> Path:
+    """``path / name``, a regular file inside the step directory; with the manifest's ``files``
+    table, its size and SHA-256 must match the record."""
     file = path / name
+    if file.is_symlink() or (file.exists() and file.resolve().parent != path.resolve()):
+        raise CheckpointError(f"{file} is a symbolic link or lies outside {path}; checkpoint files must be "
+                              "regular files inside the step directory")
     if not file.is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing (listed in manifest.json)")
+    if files is not None:
+        rec = files.get(name)
+        if rec is None:
+            raise CheckpointError(f"{file} has no size and hash in manifest.json (the checkpoint is damaged)")
+        size = file.stat().st_size
+        if size != rec["size"]:
+            raise CheckpointError(f"{file}: {size} bytes, manifest.json records {rec['size']} (truncated or "
+                                  "replaced); load another step")
+        if file_sha256(file) != rec["sha256"]:
+            raise CheckpointError(f"{file}: content does not match its SHA-256 in manifest.json (the file is "
+                                  "damaged or was changed); load another step")
     return file
 
 
@@ -427,6 +519,10 @@ def load_checkpoint(
 
     manifest = _read_manifest(path)
     entries: dict[str, dict[str, Any]] = manifest["entries"]
+    files: dict[str, Any] | None = manifest.get("files")
+    if files is None:
+        warnings.warn(f"{path}/manifest.json records no file hashes (saved by an older dmvae): its files are "
+                      "not verified", stacklevel=2)
     missing = sorted(set(targets) - set(entries))
     if missing:
         raise KeyError(f"checkpoint {path} has no entries {missing}; it has {sorted(entries)}")
@@ -434,13 +530,13 @@ def load_checkpoint(
     # 1. read every file
     values: dict[str, Any] = {}
     tensor_names = [n for n, info in entries.items() if info["kind"] == "tensor"]
-    tensors = read_safetensors(_entry_file(path, "tensors.safetensors")) if tensor_names else {}
+    tensors = read_safetensors(_entry_file(path, "tensors.safetensors", files)) if tensor_names else {}
     for name, info in entries.items():
         kind = info["kind"]
         if kind == "module":
-            values[name] = read_safetensors(_entry_file(path, f"{name}.safetensors"))
+            values[name] = read_safetensors(_entry_file(path, f"{name}.safetensors", files))
         elif kind == "state_dict":
-            values[name] = read_torch_checkpoint(_entry_file(path, f"{name}.pt"))
+            values[name] = read_torch_checkpoint(_entry_file(path, f"{name}.pt", files))
         elif kind == "tensor":
             if name not in tensors:
                 raise CheckpointError(f"{path}/tensors.safetensors has no tensor {name!r} (listed in manifest.json)")
@@ -449,7 +545,7 @@ def load_checkpoint(
             values[name] = manifest["json"][name]
     rng = None
     if restore_rng and ("rng_ranks" in manifest or (path / "rng.pt").is_file()):
-        rng = read_torch_checkpoint(_entry_file(path, "rng.pt"))
+        rng = read_torch_checkpoint(_entry_file(path, "rng.pt", files))
         _check_rng(rng, f"{path}/rng.pt", get_rank())
 
     # 2. check every target against what will be loaded into it
@@ -474,6 +570,11 @@ def load_checkpoint(
                 )
             if isinstance(obj, torch.optim.Optimizer):
                 _check_optimizer(obj, values[name], f"{where}.pt")
+            elif callable(getattr(obj, "check_state_dict", None)):  # loaders: position and data identity
+                try:
+                    obj.check_state_dict(values[name])
+                except ValueError as e:
+                    raise CheckpointError(f"{path / name}.pt: {e}") from e
             elif isinstance(values[name], Mapping) and callable(getattr(obj, "state_dict", None)):
                 now, saved = set(obj.state_dict()), set(values[name])
                 if now and saved != now:

@@ -40,7 +40,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from dmvae.image import center_crop_arr, folder_class_labels, list_images, load_image, pil_to_rgb
+from dmvae.image import (
+    center_crop_arr,
+    folder_class_labels,
+    list_images,
+    load_image,
+    pil_to_rgb,
+)
 
 __all__ = [
     "SKIMAGE_PHOTOS",
@@ -52,6 +58,8 @@ __all__ = [
     "TrainImages",
     "build_dataset",
     "center_crop_transform",
+    "data_identity",
+    "file_list_digest",
     "to_model_input",
     "train_transform",
 ]
@@ -110,6 +118,43 @@ def to_model_input(images: torch.Tensor, device: torch.device | str | None = Non
 
 
 # ################################################################################################
+#                                        data identity
+# ################################################################################################
+
+
+def file_list_digest(sources: Sequence[Any]) -> str:
+    """SHA-256 (hex) of a list of samples: each one's name and, for a path, its size in bytes (so a
+    replaced image of the same name changes the digest; a missing file counts as size -1)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for s in sources:
+        size = ""
+        if isinstance(s, os.PathLike):
+            try:
+                size = str(os.stat(s).st_size)
+            except OSError:
+                size = "-1"
+        h.update(f"{os.fspath(s) if isinstance(s, os.PathLike) else s}\t{size}\n".encode())
+    return h.hexdigest()
+
+
+def data_identity(dataset: Any) -> str | None:
+    """What identifies ``dataset``'s samples, or None when nothing does: its ``data_identity()``
+    method (the datasets here, :class:`~dmvae.latent_cache.LatentDataset`), else, for a
+    ``torch.utils.data.Subset``, the parent's identity and the indices."""
+    method = getattr(dataset, "data_identity", None)
+    if callable(method):
+        return method()
+    from torch.utils.data import Subset
+
+    if isinstance(dataset, Subset):
+        parent = data_identity(dataset.dataset)
+        return None if parent is None else file_list_digest([parent, *map(int, dataset.indices)])
+    return None
+
+
+# ################################################################################################
 #                                           datasets
 # ################################################################################################
 
@@ -143,6 +188,12 @@ class ImageDataset(Dataset):
     @property
     def labels(self) -> list[int]:
         return [s[1] for s in self.samples]
+
+    def data_identity(self) -> str:
+        """Digest of the sample list (names, sizes of the files, labels): what a resumed loader checks."""
+        if getattr(self, "_identity", None) is None:
+            self._identity = file_list_digest([x for s in self.samples for x in (s[0], f"label={s[1]}")])
+        return self._identity
 
     def load(self, index: int) -> Image.Image:
         """The RGB image of sample ``index`` before the transform."""

@@ -15,7 +15,10 @@ draw over the global batch to this rank's samples.
 (workers, ``pin_memory``, ``persistent_workers``, ``prefetch_factor``) over this sampler, counts the
 batches handed to the loop, moves to the next epoch when one ends, and saves / restores that position
 with ``state_dict()`` / ``load_state_dict()`` (store it in the training checkpoint), so a resumed run
-sees exactly the remaining batches of an uninterrupted one.
+sees exactly the remaining batches of an uninterrupted one. The state carries a digest of the data
+(:func:`dmvae.training.data.data_identity`: the file names and sizes of an image dataset, the
+tokenizer and file list of a latent cache, or ``data_id=``); a resume over other data, or where
+nothing identifies the data, is refused (``check_state_dict`` runs before anything changes).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from dmvae.dist import get_rank, get_world_size
+from dmvae.training.data import data_identity
 
 __all__ = ["ResumableDistributedSampler", "TrainLoader", "sample_seed"]
 
@@ -98,6 +102,8 @@ class TrainLoader:
         num_workers, pin_memory, persistent_workers, prefetch_factor: as ``DataLoader``
             (``pin_memory`` default: on with CUDA; ``persistent_workers`` on when there are workers).
         num_replicas, rank: default: the current process group.
+        data_id: what identifies the data, for datasets that expose no ``data_identity()`` (any
+            string that changes when the samples change); default: the dataset's own identity.
 
     Attributes ``epoch`` and ``batch_in_epoch`` count the batches handed out;
     ``steps_per_epoch = len(dataset) // (batch_size * world_size)``.
@@ -106,7 +112,8 @@ class TrainLoader:
     def __init__(self, dataset: Dataset, batch_size: int, *, seed: int = 0, shuffle: bool = True,
                  num_workers: int = 0, pin_memory: bool | None = None, persistent_workers: bool | None = None,
                  prefetch_factor: int | None = None, num_replicas: int | None = None, rank: int | None = None,
-                 collate_fn: Any = None) -> None:
+                 collate_fn: Any = None, data_id: str | None = None) -> None:
+        self._data_id = data_id
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.sampler = ResumableDistributedSampler(dataset, num_replicas, rank, shuffle=shuffle, seed=seed)
@@ -158,19 +165,44 @@ class TrainLoader:
         self.sampler.set_start(self.batch_in_epoch * self.global_batch_size)
         return iter(self.loader)
 
-    def state_dict(self) -> dict[str, int]:
+    def data_digest(self) -> str | None:
+        """What identifies the data (``data_id``, else the dataset's identity), or None."""
+        return self._data_id if self._data_id is not None else data_identity(self.sampler.dataset)
+
+    def state_dict(self) -> dict[str, Any]:
         """Position of the next batch: epoch, batches done in it, and what must match on resume."""
         return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "global_batch_size": self.global_batch_size, "dataset_size": len(self.sampler.dataset),
-                "seed": self.sampler.seed}
+                "seed": self.sampler.seed, "data_digest": self.data_digest()}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue at ``state``'s position (any number of processes with the same global batch)."""
+    def check_state_dict(self, state: Any) -> None:
+        """Raise ``ValueError`` unless ``state`` can be resumed here; changes nothing."""
+        if not isinstance(state, dict):
+            raise ValueError(f"a loader state must be a dict, got {type(state).__name__}")
+        missing = [k for k in ("epoch", "batch_in_epoch", "global_batch_size", "dataset_size", "seed")
+                   if k not in state]
+        if missing:
+            raise ValueError(f"the loader state has no {missing} (not a TrainLoader state)")
         for key, have in (("global_batch_size", self.global_batch_size),
                           ("dataset_size", len(self.sampler.dataset)), ("seed", self.sampler.seed)):
             if int(state[key]) != have:
                 raise ValueError(f"cannot resume the data order: the checkpoint has {key}={state[key]}, this run "
                                  f"{have} (keep --batch-size x processes, the data set and --seed)")
+        saved, now = state.get("data_digest"), self.data_digest()
+        if saved is None or now is None:
+            what = "the checkpoint's loader state" if saved is None else "this run's dataset"
+            raise ValueError(f"cannot resume the data order: nothing identifies the data of {what} (pass "
+                             "TrainLoader(..., data_id=...) for a dataset without data_identity(), or start the "
+                             "order afresh with skip_to(step))")
+        if saved != now:
+            raise ValueError(f"cannot resume the data order: the data set changed since the checkpoint (data "
+                             f"digest {str(saved)[:12]} saved, {now[:12]} now: other files, sizes or labels); "
+                             "resume with the same data, or start the order afresh with skip_to(step)")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue at ``state``'s position (any number of processes with the same global batch and
+        the same data; see :meth:`check_state_dict`)."""
+        self.check_state_dict(state)
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
         self._it = None
         if self.batch_in_epoch >= self.steps_per_epoch:  # saved right at an epoch's end
