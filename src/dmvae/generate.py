@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dmvae.checks import check_finite, check_int
 from dmvae.image import to_uint8_numpy
 from dmvae.npz import ShardedNpzWriter
 
@@ -129,6 +130,16 @@ def check_compatible(dit: Any, vae: Any, labels: torch.Tensor | None = None) -> 
 
 
 @torch.no_grad()
+def _check_sampler_knobs(sampler_kwargs: dict[str, Any]) -> None:
+    """The sampler's numeric knobs must be finite numbers (NaN guidance would reach the images)."""
+    for knob in ("cfg_scale", "time_shift", "last_step_size", "atol", "rtol"):
+        if knob in sampler_kwargs:
+            check_finite(knob, sampler_kwargs[knob])
+    if isinstance(sampler_kwargs.get("cfg_interval"), (tuple, list)):
+        for i, v in enumerate(sampler_kwargs["cfg_interval"]):
+            check_finite(f"cfg_interval[{i}]", v)
+
+
 def sample_images(
     dit: torch.nn.Module,
     vae: Any,
@@ -165,6 +176,7 @@ def sample_images(
             raise ValueError(f"{bad!r} is chosen by sample_images and cannot be passed")
     if "num_steps" not in sampler_kwargs:
         raise ValueError("sample_images needs the sampler's num_steps= (integration steps)")
+    _check_sampler_knobs(sampler_kwargs)
     shape = _latent_shape(dit)
     if device is None:
         device = next(dit.parameters()).device
@@ -255,6 +267,8 @@ def generate_npz(
     for bad in ("noise", "labels", "generator", "return_trajectory"):
         if bad in sampler_kwargs:
             raise ValueError(f"{bad!r} is chosen by generate_npz and cannot be passed")
+    _check_sampler_knobs(sampler_kwargs)  # before any file is written
+    num_per_class = check_int("num_per_class", num_per_class, 1)
     rank = get_rank() if rank is None else int(rank)
     world_size = get_world_size() if world_size is None else int(world_size)
     if not 0 <= rank < world_size:

@@ -20,9 +20,10 @@ What this module guarantees (file I/O itself lives in :mod:`dmvae.files`, source
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -40,7 +41,8 @@ from dmvae.files import (
 )
 from dmvae.sources import locate, resolve_hub_file
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "HubMixin", "check_state_dict", "load_state_dict_strict"]
+__all__ = ["CONFIG_NAME", "MAX_PARAMETERS", "WEIGHTS_NAME", "ConfigTooLargeError", "HubMixin", "build_limits",
+           "check_config_size", "check_state_dict", "load_state_dict_strict"]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -127,6 +129,68 @@ def _check_dtype_arg(dtype: Any) -> torch.dtype | None:
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
     return dtype
+
+
+# --------------------------------------------------------------------------------------------
+# configs checked before they build: a bounded build on the meta device
+# --------------------------------------------------------------------------------------------
+
+#: The most parameters (elements) a config may build when there are no weights to compare it with
+#: (``from_config``); the caller can raise it with ``max_parameters=``.
+MAX_PARAMETERS = 20_000_000_000
+#: The most submodules such a build may create (a huge ``depth`` of tiny blocks).
+MAX_MODULES = 20_000
+
+
+class ConfigTooLargeError(ValueError):
+    """A configuration that would build a model larger than its weights, or than the stated limit."""
+
+
+@contextlib.contextmanager
+def build_limits(max_parameters: int, max_modules: int, what: str) -> Iterator[None]:
+    """Stop any model construction inside the block as soon as it registers more than
+    ``max_parameters`` parameter / buffer elements or ``max_modules`` submodules
+    (:class:`ConfigTooLargeError`, ending in ``what``: why the limit holds and how to raise it).
+    Meant for builds on the meta device, where the count costs nothing and an oversized config
+    (``depth`` 20,000) is refused after the blocks beyond the limit, not after hours."""
+    from torch.nn.modules import module as module_hooks
+
+    count = {"elements": 0, "modules": 0}
+
+    def on_tensor(_module: nn.Module, name: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            count["elements"] += value.numel()
+            if count["elements"] > max_parameters:
+                raise ConfigTooLargeError(f"the configuration builds more than {max_parameters:,} parameters "
+                                          f"(stopped at {name!r}); {what}")
+
+    def on_module(_module: nn.Module, name: str, _sub: Any) -> None:
+        count["modules"] += 1
+        if count["modules"] > max_modules:
+            raise ConfigTooLargeError(f"the configuration builds more than {max_modules:,} modules "
+                                      f"(stopped at {name!r}); {what}")
+
+    handles = [module_hooks.register_module_parameter_registration_hook(on_tensor),
+               module_hooks.register_module_buffer_registration_hook(on_tensor),
+               module_hooks.register_module_module_registration_hook(on_module)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def check_config_size(model_class: type, cfg: Any, max_parameters: int = MAX_PARAMETERS,
+                      max_modules: int = MAX_MODULES) -> int:
+    """Build ``model_class(cfg)`` on the meta device under :func:`build_limits`; return its
+    parameter count, or raise :class:`ConfigTooLargeError` naming the limit and how to raise it."""
+    with torch.device("meta"), build_limits(
+        max_parameters, max_modules,
+        f"refusing to build {model_class.__name__} from this config (raise max_parameters= / max_modules= "
+        "if it is meant)",
+    ):
+        model = model_class(cfg)
+    return sum(p.numel() for p in model.parameters())
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,8 +409,16 @@ class HubMixin:
         cls, cfg: Any, state_dict: Mapping[str, torch.Tensor], source: str
     ) -> Self:
         """Build on the meta device (no wasted init) and assign the checkpoint tensors; fall back to
-        a normal build if anything would be left on the meta device."""
-        with torch.device("meta"):
+        a normal build if anything would be left on the meta device. The build stops as soon as the
+        config creates clearly more than the weights hold (a config bomb is refused in seconds)."""
+        held = sum(v.numel() for v in state_dict.values() if isinstance(v, torch.Tensor))
+        limit_elements = held + held // 4 + 1_000_000
+        limit_modules = 4 * len(state_dict) + 1000
+        with torch.device("meta"), build_limits(
+            limit_elements, limit_modules,
+            f"{source} holds {held:,} values in {len(state_dict)} tensors: the config does not match the weights "
+            "(check depth / width fields of config.json)",
+        ):
             model = cls(cfg)  # type: ignore[call-arg]
         assert isinstance(model, nn.Module)
         check_state_dict(model, state_dict, source)

@@ -315,6 +315,12 @@ class LPIPS(nn.Module):
         Returns:
             (B,) distances (>= 0; 0 for identical inputs).
         """
+        for name, t in (("x", x), ("y", y)):  # uint8 [0, 255] read as [-1, 1] would be silently wrong
+            if not isinstance(t, Tensor) or not t.is_floating_point():
+                got = t.dtype if isinstance(t, Tensor) else type(t).__name__
+                raise TypeError(f"LPIPS input {name} must be a floating-point tensor in [-1, 1] (or [0, 1] with "
+                                f"normalize=True), got {got}; convert uint8 images with "
+                                "dmvae.metrics.image.uint8_to_float (x / 127.5 - 1)")
         if x.shape != y.shape:
             raise ValueError(f"LPIPS inputs must have the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
         if x.ndim != 4 or x.shape[1] != 3:

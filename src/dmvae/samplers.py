@@ -29,6 +29,7 @@ from typing import Any, Literal
 import torch
 
 from dmvae._utils import unwrap_model
+from dmvae.checks import check_finite, check_range
 from dmvae.transport import _check_interval, guided_velocity, resolve_labels, shift_time
 from dmvae.transport import null_label as _null_label_of
 
@@ -45,6 +46,7 @@ def time_grid(
     :func:`~dmvae.transport.shift_time` in float32, as the reference computes it (the map is applied
     even at ``shift = 1``, where its ``1 - (1 - t)`` round trip moves some points by one ulp)."""
     _check_steps(num_steps)
+    shift = check_range("time_shift", shift, 0.0, low_open=True)
     grid = torch.linspace(0, 1, num_steps + 1, dtype=torch.float32, device=device)
     return shift_time(grid, shift)
 
@@ -54,8 +56,7 @@ def sde_time_grid(
 ) -> torch.Tensor:
     """SDE grid (num_steps + 1,) float32: ``linspace(0, 1 - last_step_size)`` (no shift)."""
     _check_steps(num_steps)
-    if not 0.0 < last_step_size < 1.0:
-        raise ValueError(f"last_step_size must be in (0, 1), got {last_step_size}")
+    last_step_size = check_range("last_step_size", last_step_size, 0.0, 1.0, low_open=True, high_open=True)
     return torch.linspace(0, 1 - last_step_size, num_steps + 1, dtype=torch.float32, device=device)
 
 
@@ -187,10 +188,16 @@ def sample(
             raise ValueError(f"{type(m).__name__} is unconditional (num_classes=0): pass labels=None")
     else:
         labels = resolve_labels(model, None, noise.shape[0], noise.device)
+    if isinstance(cfg_interval, (tuple, list)):
+        cfg_interval = tuple(check_finite(f"cfg_interval[{i}]", v) for i, v in enumerate(cfg_interval))
     if cfg_interval is not None:
         _check_interval(cfg_interval)
     _check_steps(num_steps)
-    cfg_scale = float(cfg_scale)
+    cfg_scale = check_finite("cfg_scale", cfg_scale)  # a NaN scale would reach the output silently
+    time_shift = check_range("time_shift", time_shift, 0.0, low_open=True)
+    last_step_size = check_range("last_step_size", last_step_size, 0.0, 1.0, low_open=True, high_open=True)
+    atol = check_range("atol", atol, 0.0, low_open=True)
+    rtol = check_range("rtol", rtol, 0.0, low_open=True)
     guided = cfg_scale != 1.0 and labels is not None
     null = _null_label_of(model) if null_label is None else null_label
     if guided and null is None:

@@ -13,6 +13,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from dmvae.checks import check_int, check_range
+
 __all__ = ["energy_distance", "rbf_mmd", "sliced_wasserstein", "coverage", "median_bandwidth"]
 
 
@@ -22,6 +24,8 @@ def _flat(x: torch.Tensor | Sequence, name: str) -> torch.Tensor:
         raise ValueError(f"{name} must be a non-empty (n, ...) sample set, got shape {tuple(x.shape)}")
     if not (x.is_floating_point() or x.dtype in (torch.int64, torch.int32)):
         raise TypeError(f"{name} must be numeric, got {x.dtype}")
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} holds NaN or infinite values; the distance would be NaN")
     return x.reshape(x.shape[0], -1) if x.ndim > 1 else x[:, None]
 
 
@@ -73,6 +77,7 @@ def energy_distance(
 def _pair_means(x, y, fn, unbiased: bool, block_size: int, dtype: torch.dtype, name: str):
     """Mean of ``fn(|a - b|^2)`` over the pairs of (x, y), (x, x) and (y, y), blocked; the
     within-set means drop the diagonal when ``unbiased`` (U-statistic), else keep it (V)."""
+    check_int("block_size", block_size, 1)
     n, m = x.shape[0], y.shape[0]
     xy = _block_sum(x, y, fn, block_size, dtype) / (n * m)
     if unbiased:
@@ -114,9 +119,10 @@ def rbf_mmd(
     x, y = _pair(x, y)
     if bandwidth is None:
         bandwidth = median_bandwidth(x, y)
-    widths = [float(bandwidth)] if isinstance(bandwidth, (int, float)) else [float(b) for b in bandwidth]
-    if not widths or any(w <= 0 for w in widths):
-        raise ValueError(f"bandwidths must be > 0, got {widths}")
+    widths = ([check_range("bandwidth", bandwidth, 0.0, low_open=True)] if isinstance(bandwidth, (int, float))
+              else [check_range(f"bandwidth[{i}]", b, 0.0, low_open=True) for i, b in enumerate(bandwidth)])
+    if not widths:
+        raise ValueError("bandwidth must be a number > 0 or a non-empty list of them, got []")
 
     def k(d2):
         return sum(torch.exp(-d2 / (2 * w * w)) for w in widths)
@@ -151,6 +157,11 @@ def sliced_wasserstein(
     otherwise both 1-D distributions are compared at ``num_quantiles`` (default max(n, m)) levels.
     Projections are processed ``projection_block`` at a time (memory O((n + m) * block)).
     """
+    num_projections = check_int("num_projections", num_projections, 1)
+    projection_block = check_int("projection_block", projection_block, 1)
+    p = check_range("p", p, 1.0)
+    if num_quantiles is not None:
+        num_quantiles = check_int("num_quantiles", num_quantiles, 1)
     x, y = _pair(x, y)
     d = x.shape[1]
     g = torch.Generator().manual_seed(seed)
@@ -183,6 +194,8 @@ def coverage(
     other reference sample) contains at least one of ``samples``. 1 = every part of the reference
     is reached; dropped modes and collapsed points lower it. Robust to outliers in ``samples``.
     """
+    k = check_int("k", k, 1)
+    block_size = check_int("block_size", block_size, 1)
     ref, smp = _pair(reference, samples)
     n = ref.shape[0]
     if not 1 <= k < n:

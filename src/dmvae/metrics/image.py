@@ -67,6 +67,12 @@ def _prepare_pair(
         return x.double(), y.double(), 255.0
     if not (x.is_floating_point() and y.is_floating_point()):
         raise TypeError(f"{name} expects uint8 or floating-point images, got {x.dtype} and {y.dtype}")
+    for which, t in (("x", x), ("y", y)):
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name}: {which} holds NaN or infinite values")
+        if clamp and t.numel() and float(t.abs().max()) > 3.0:  # [0, 255] floats would be clamped to ~1
+            raise ValueError(f"{name}: float image {which} has values up to {float(t.abs().max()):.4g}; expected "
+                             "[-1, 1] floats (pass [0, 255] images as uint8, or x / 127.5 - 1)")
     if clamp:
         x, y = x.clamp(-1, 1), y.clamp(-1, 1)
     return (x.double() + 1) / 2, (y.double() + 1) / 2, 1.0

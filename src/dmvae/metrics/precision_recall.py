@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from dmvae.checks import check_int
+
 __all__ = ["precision_recall"]
 
 
@@ -35,6 +37,8 @@ def precision_recall(
     counts as inside. As ADM's evaluator and torch-fidelity ``prc``, with k = 3 by default.
     Distances are computed in blocks of ``row_batch_size`` rows (memory O(rows x N)).
     """
+    k = check_int("k", k, 1)
+    row_batch_size = check_int("row_batch_size", row_batch_size, 1)
     real = torch.as_tensor(real_features).to(device=device, dtype=dtype)
     fake = torch.as_tensor(fake_features).to(device=device, dtype=dtype)
     if real.dim() != 2 or fake.dim() != 2 or real.shape[1] != fake.shape[1]:
