@@ -63,6 +63,7 @@ __all__ = [
     "CACHE_FORMAT",
     "CacheInfo",
     "LatentDataset",
+    "check_cache_output",
     "cache_latents",
     "encoder_hash",
     "read_cache_info",
@@ -231,6 +232,25 @@ def _remove_temporary_files(out: Path) -> None:
     for p in out.iterdir():
         if _TMP_RE.fullmatch(p.name) and p.is_file() and not p.is_symlink():
             p.unlink(missing_ok=True)
+
+
+def check_cache_output(out_dir: str | os.PathLike[str], *, overwrite: bool, inputs: Any = ()) -> None:
+    """Before any work (the CLI calls it before loading the model): ``out_dir`` is new, empty, a
+    latent cache (resumed, or replaced under ``overwrite`` when incompatible), or, under
+    ``overwrite``, a directory :func:`dmvae.files.replace_output_dir` may replace."""
+    from dmvae.files import OutputReplaceError, replace_refusal
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} exists and is not a directory")
+    if not out.is_dir() or (out / INFO_NAME).is_file() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise ValueError(f"{out} exists and is not a latent cache; choose another --out "
+                         "(--overwrite replaces only a cache made by dmvae cache-latents)")
+    why = replace_refusal(out, tool=TOOL, inputs=inputs)
+    if why is not None:
+        raise OutputReplaceError(f"refusing to replace {out}: {why}; choose another --out or delete it yourself")
 
 
 def _prepare_output(out: Path, info: CacheInfo, names: list[str], inputs: list[Path], overwrite: bool) -> None:

@@ -33,8 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--bf16", action="store_true", help="encode under bf16 autocast (the reference's VAE setting)")
     p.add_argument("--max-shards", type=int_range(1), default=None,
                    help="stop each process after this many new shards (time-limited jobs; re-run to continue)")
-    add_output_args(p, what="cache directory (an existing cache of the same tokenizer is resumed; --overwrite "
-                    "replaces an incompatible one)")
+    add_output_args(p, what="cache directory (an existing cache of the same tokenizer, settings and input files "
+                    "is resumed; --overwrite replaces an incompatible one, and only a directory this command made: "
+                    "never the data or a folder holding it)")
     add_model_args(p)
     p.set_defaults(func=run_cache)
 
@@ -43,10 +44,13 @@ def run_cache(args: argparse.Namespace) -> int:
     import torch
 
     from dmvae.cli._common import default_num_workers, load_autoencoder
-    from dmvae.latent_cache import cache_latents
-    from dmvae.training.data import build_dataset, center_crop_transform
     from dmvae.dist import cleanup_distributed, init_distributed, is_main_process
+    from dmvae.latent_cache import cache_latents, check_cache_output
+    from dmvae.training.data import build_dataset, center_crop_transform
 
+    # before loading anything: --overwrite never replaces what this tool did not make, nor the data
+    check_cache_output(args.out, overwrite=args.overwrite,
+                       inputs=[args.data] if args.data != "skimage" else [])
     workers = default_num_workers() if args.num_workers is None else args.num_workers
     info = init_distributed(device=args.device)
     if info.backend is not None:
