@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from dmvae.autoencoder import DMVAE, DMVAEConfig, list_presets
+from dmvae.autoencoder import DMVAE, DMVAEConfig
 
 MID_CONFIG = dict(
     encoder="vit_small_patch14_dinov2.lvd142m",
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--preset", default=None, choices=list_presets(), help="a DMVAE preset instead of the mid config"
+        "--preset", default=None, choices=DMVAEConfig.preset_names(), help="a DMVAE preset instead of the mid config"
     )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument(

@@ -45,7 +45,8 @@ import torch._dynamo
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import peak_bf16_tflops, randomize_adaln  # noqa: E402  (benchmarks/_common.py)
 from dmvae.autoencoder import DMVAE, DMVAEConfig
-from dmvae.dit import LatentDiT, create_model
+from dmvae.dit import LatentDiT
+from dmvae.models import create_model
 from dmvae.samplers import sample
 from dmvae.transport import FlowMatching
 

@@ -47,7 +47,7 @@ import torch._dynamo
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import randomize_adaln  # noqa: E402  (benchmarks/_common.py)
 from dmvae.autoencoder import DMVAE, DMVAEConfig
-from dmvae.dit import create_model
+from dmvae.models import create_model
 from dmvae.samplers import sample
 from dmvae.transport import FlowMatching
 

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from dmvae.dit import create_model
+from dmvae.models import create_model
 from dmvae.samplers import sample
 
 

@@ -199,7 +199,7 @@ def flop_counts(batch: int = 256) -> dict:
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         vae.decoder(z)
     dec = fc.get_total_flops() / n
-    dit._check_inputs = lambda x, t, y, *a: (t, y)  # value checks need data (meta tensors have none)
+    dit.check_inputs = lambda x, t, y, *a: (t, y)  # value checks need data (meta tensors have none)
     zz, t = torch.empty(n, *z.shape[1:], device="meta"), torch.empty(n, device="meta")
     y, drop = torch.zeros(n, dtype=torch.long, device="meta"), torch.zeros(n, dtype=torch.bool, device="meta")
     with FlopCounterMode(display=False) as fc, torch.no_grad():

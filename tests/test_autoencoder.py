@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dmvae.autoencoder import DMVAE, DMVAEConfig, DMVAEOutput, grid_to_tokens, list_presets, tokens_to_grid
+from dmvae.autoencoder import DMVAE, DMVAEConfig, DMVAEOutput, grid_to_tokens, tokens_to_grid
 from dmvae.files import CheckpointError
 
 
@@ -81,12 +81,12 @@ def test_config_json_round_trip(tmp_path: Path) -> None:
 
 
 def test_presets_and_unknown_preset() -> None:
-    names = list_presets()
+    names = DMVAEConfig.preset_names()
     assert {"dmvae-l", "dmvae-b", "dmvae-tiny"} <= set(names)
     assert DMVAEConfig.from_preset("dmvae-tiny", z_channels=4).z_channels == 4
-    with pytest.raises(ValueError, match=r"unknown DMVAE preset 'dmvae-xl'.*dmvae-b.*dmvae-l.*dmvae-tiny"):
+    with pytest.raises(KeyError, match=r"unknown DMVAE preset 'dmvae-xl'.*dmvae-b.*dmvae-l.*dmvae-tiny"):
         DMVAEConfig.from_preset("dmvae-xl")
-    with pytest.raises(ValueError, match="unknown DMVAE preset"):
+    with pytest.raises(KeyError, match="unknown DMVAE preset"):
         DMVAE("nope")
     with pytest.raises(TypeError, match="config must be a DMVAEConfig"):
         DMVAE(3)  # type: ignore[arg-type]

@@ -176,12 +176,13 @@ def test_num_parameters_and_torch_dtype(tiny: DMVAE, saved: Path) -> None:
 # ---- config.json -----------------------------------------------------------------------------
 
 
-def test_config_written_by_the_config_and_old_tags_still_read(saved: Path, tmp_path: Path) -> None:
+def test_config_is_tagged_with_its_class_and_other_tags_are_refused(saved: Path, tmp_path: Path) -> None:
     data = json.loads((saved / "config.json").read_text())
     assert data["_class_name"] == "DMVAEConfig"  # written by DMVAEConfig.to_json
-    old = _copy_dir(saved, tmp_path / "old")
-    (old / "config.json").write_text(json.dumps({**data, "_class_name": "DMVAE"}))  # pre-0.2 files
-    assert DMVAE.from_pretrained(old).config == DMVAE.from_pretrained(saved).config
+    other = _copy_dir(saved, tmp_path / "other")
+    (other / "config.json").write_text(json.dumps({**data, "_class_name": "UNetConfig"}))
+    with pytest.raises(ValueError, match=r"describes a 'UNetConfig', not a DMVAE"):
+        DMVAE.from_pretrained(other)
 
 
 def test_loading_the_other_model_kind_says_what_it_is(saved: Path, tmp_path: Path) -> None:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dmvae import DMVAE, LatentDiT
-from dmvae.convert import AUTOENCODER, DIT, convert_checkpoint, detect_layout, select_state_dict
+from dmvae.conversion import convert_checkpoint
+from dmvae.convert import AUTOENCODER, DIT, detect_layout, select_state_dict
 from dmvae.files import CheckpointError
 
 DIT_CFG = dict(input_size=4, patch_size=1, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=3)

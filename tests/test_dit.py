@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from dmvae.dit import LatentDiT, LatentDiTConfig, create_model, list_models
+from dmvae.dit import LatentDiT, LatentDiTConfig
+from dmvae.models import create_model, list_models
 from dmvae.files import CheckpointError
 
 TINY = dict(input_size=4, patch_size=1, in_channels=4, hidden_size=32, depth=2, num_heads=2,
@@ -38,9 +39,9 @@ def inputs(model: LatentDiT, b: int = 3):
 def test_list_models_has_every_reference_size():
     expected = {"Mini/1", "S/1", "B/1", "B/2", "L/1", "L/2", "XL/1", "XL/2", "1p0B/1", "1p0B/2",
                 "1p6B/1", "1p6B/2"}
-    assert set(list_models()) == {f"LightningDiT-{n}" for n in expected}
+    assert set(list_models("LightningDiT-*")) == {f"LightningDiT-{n}" for n in expected}
     # the "/N" of a name is the preset's patch size (building each one: tests/test_contract.py)
-    assert all(f"/{LatentDiTConfig.from_preset(n).patch_size}" in n for n in list_models())
+    assert all(f"/{LatentDiTConfig.from_preset(n).patch_size}" in n for n in list_models("LightningDiT-*"))
 
 
 def test_swiglu_hidden_sizes():
@@ -50,7 +51,7 @@ def test_swiglu_hidden_sizes():
 
 
 def test_unknown_preset_lists_known():
-    with pytest.raises(ValueError, match="LightningDiT-XL/1"):
+    with pytest.raises(KeyError, match="did you mean 'LightningDiT-XL/1'"):
         create_model("LightningDiT-XXL/1")
 
 

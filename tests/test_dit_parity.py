@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dmvae.dit import LatentDiT, LatentDiTConfig, create_model
+from dmvae.dit import LatentDiT, LatentDiTConfig
+from dmvae.models import create_model
 from dmvae.files import read_torch_checkpoint
 
 TOL = 1e-4

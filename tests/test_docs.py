@@ -88,9 +88,9 @@ def _stand_in_configs() -> tuple[dict, dict]:
 
 
 def _dit_preset_names() -> list[str]:
-    from dmvae.dit import list_models
+    from dmvae.models import list_models
 
-    return [n for n in list_models() if n.startswith("LightningDiT-")]
+    return list_models("LightningDiT-*")
 
 
 def _install_stand_ins(monkeypatch: pytest.MonkeyPatch, vae: dict, dit: dict) -> None:
@@ -101,7 +101,7 @@ def _install_stand_ins(monkeypatch: pytest.MonkeyPatch, vae: dict, dit: dict) ->
         MODELS = None
     if MODELS is not None and "dmvae-l" in MODELS and "LightningDiT-XL/1" in MODELS:
         for name, cfg in {**vae, **dit}.items():
-            monkeypatch.setitem(MODELS.entries, MODELS.key(name), lambda cfg=cfg: cfg.replace())
+            monkeypatch.setitem(MODELS.entries, MODELS.canonical(name), lambda cfg=cfg: cfg.replace())
         return
     from dmvae import autoencoder, dit as dit_module
 

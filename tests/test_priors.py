@@ -168,7 +168,7 @@ def test_registry_and_entry_points(monkeypatch):
         assert n in names
     g = create_prior("gaussian", shape=(4,), std=2.0)
     assert isinstance(g, GaussianPrior) and g.shape == (4,)
-    with pytest.raises(ValueError, match=r"unknown prior 'nope'; known: \[.*'gaussian'"):
+    with pytest.raises(KeyError, match=r"unknown prior .nope.; known: \[.*'gaussian'"):
         create_prior("nope")
     with pytest.raises(KeyError):  # the registry's UnknownNameError is both
         create_prior("nope")

@@ -2,18 +2,22 @@
 
 Every config (``DMVAEConfig``, ``LatentDiTConfig``, ...) is a plain dataclass that inherits
 :class:`ConfigMixin`, so ``config.json`` is exactly ``dataclasses.asdict(config)`` plus a
-``"_class_name"`` tag (the config class; files written before 0.2 carry the model class name, and
-both are read). Unknown keys and values of the wrong type are errors naming the field (and the
-file), never silently dropped or coerced.
+``"_class_name"`` tag (the config class). Unknown keys and values of the wrong type are errors
+naming the field (and the file), never silently dropped or coerced.
 
-Model configs set ``model_class = "module:Class"`` and are built from named presets registered in
-:data:`dmvae._registry.MODELS` (:meth:`ConfigMixin.from_preset`); :func:`resolve_config` is the
-one place that turns "a config, a dict or a preset name" into a config instance.
+Every model config lives in a module of its own beside its model (``autoencoder_config``,
+``dit_config``), sets ``model`` to the name of the model class it builds (a key of
+:data:`dmvae._registry.MODEL_CLASSES`) and writes its presets as one table of field values,
+registered with :meth:`ConfigMixin.register_presets` in :data:`dmvae._registry.MODELS`;
+:meth:`ConfigMixin.from_preset` reads them back and :func:`resolve_config` is the one place that
+turns "a config, a dict or a preset name" into a config instance.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import json
 import os
 import types
@@ -28,7 +32,7 @@ __all__ = ["ConfigMixin", "resolve_config"]
 
 T = TypeVar("T")
 
-#: Every ConfigMixin subclass by its own name and by its model's name (for ``_class_name`` tags).
+#: Every ConfigMixin subclass by its name (for ``_class_name`` tags).
 _CONFIG_CLASSES: dict[str, type[ConfigMixin]] = {}
 
 
@@ -97,8 +101,9 @@ class ConfigMixin:
     """Adds ``to_dict`` / ``from_dict`` / ``to_json`` / ``save`` / ``load`` / ``from_preset`` /
     ``replace`` to a dataclass."""
 
-    #: ``"module:Class"`` of the model a config builds (model configs only).
-    model_class: ClassVar[str] = ""
+    #: Name of the model class a config builds (model configs only; a key of
+    #: :data:`dmvae._registry.MODEL_CLASSES`).
+    model: ClassVar[str] = ""
     #: Fields that :meth:`load` requires in a file (no silent defaults for them).
     required_in_file: ClassVar[tuple[str, ...]] = ()
 
@@ -109,7 +114,7 @@ class ConfigMixin:
     @classmethod
     def model_name(cls) -> str:
         """The class name of the model this config builds (``"DMVAE"``), else the config's own."""
-        return cls.model_class.rpartition(":")[2] or cls.__name__
+        return cls.model or cls.__name__
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)  # type: ignore[call-overload]
@@ -145,13 +150,11 @@ class ConfigMixin:
         """Refuse a config written for another class (``config.json`` of a LatentDiT read as a
         DMVAE config), saying what it is. Untagged dicts pass."""
         tag = data.get("_class_name")
-        if tag is None or tag in (cls.__name__, cls.model_name()):
+        if tag is None or tag == cls.__name__:
             return
-        other = _CONFIG_CLASSES.get(str(tag)) or next(
-            (c for c in _CONFIG_CLASSES.values() if c.model_name() == tag), None
-        )
+        other = _CONFIG_CLASSES.get(str(tag))
         what = f"a {other.model_name()}" if other is not None else f"a {tag!r}"
-        hint = f": load it with dmvae.{other.model_name()}.from_pretrained" if other and other.model_class else ""
+        hint = f": load it with dmvae.{other.model_name()}.from_pretrained" if other and other.model else ""
         raise ValueError(f"{source} describes {what}, not a {cls.model_name()}{hint}")
 
     @classmethod
@@ -177,15 +180,33 @@ class ConfigMixin:
             raise ValueError(f"{path}: {e}") from e
 
     @classmethod
+    def register_presets(cls, table: Mapping[str, Mapping[str, Any]]) -> None:
+        """Register each ``name -> {field: value}`` of ``table`` as a preset of this config in
+        :data:`dmvae._registry.MODELS` (each call of the preset builds a fresh config)."""
+        from dmvae._registry import MODELS
+
+        for name, fields in table.items():
+            MODELS.register(name, functools.partial(_preset, cls, dict(fields)))
+
+    @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> Self:
-        """The named configuration (``dmvae._registry.MODELS``), with some fields changed."""
+        """The named configuration (``dmvae._registry.MODELS``, any case), with some fields
+        changed. An unknown name says which known one is closest; another family's preset says
+        which family it belongs to."""
         from dmvae._registry import MODELS, UnknownNameError
 
-        if name not in MODELS or not isinstance(config := MODELS.get(name)(), cls):
-            what = f"unknown {cls.model_name()} preset {name!r}"
-            if name in MODELS:
-                what = f"{name!r} is a {type(MODELS.get(name)()).model_name()} preset, not a {cls.model_name()} one"
-            raise UnknownNameError(f"{what}; known {cls.model_name()} presets: {cls.preset_names()}")
+        names = cls.preset_names()
+        if name not in MODELS:
+            raise UnknownNameError(
+                f"unknown {cls.model_name()} preset {name!r}{MODELS.suggest(name, names)}; "
+                f"known {cls.model_name()} presets: {names}"
+            )
+        config = MODELS.get(name)()
+        if not isinstance(config, cls):
+            raise UnknownNameError(
+                f"{MODELS.canonical(name)!r} is a {type(config).model_name()} preset, not a "
+                f"{cls.model_name()} one; known {cls.model_name()} presets: {names}"
+            )
         return config.replace(**overrides) if overrides else config
 
     @classmethod
@@ -193,7 +214,7 @@ class ConfigMixin:
         """Names :meth:`from_preset` accepts for this config class, sorted."""
         from dmvae._registry import MODELS
 
-        return [n for n in MODELS.names() if isinstance(MODELS.get(n)(), cls)]
+        return [n for n in MODELS.names() if issubclass(_preset_class(MODELS.get(n)), cls)]
 
     def replace(self, **overrides: Any) -> Self:
         """A copy with some fields changed (``dataclasses.replace`` with a clear error)."""
@@ -202,6 +223,17 @@ class ConfigMixin:
         if unknown:
             raise ValueError(f"unknown {type(self).__name__} field(s) {unknown}; known fields: {sorted(fields)}")
         return dataclasses.replace(self, **overrides)  # type: ignore[type-var]
+
+
+def _preset(config_class: type[T], fields: dict[str, Any]) -> T:
+    return config_class(**copy.deepcopy(fields))
+
+
+def _preset_class(factory: Any) -> type:
+    """The config class a registered preset builds (without building it when it is a table row)."""
+    if isinstance(factory, functools.partial) and factory.func is _preset:
+        return factory.args[0]
+    return type(factory())
 
 
 def resolve_config(config_class: type[T], config: Any) -> T:

@@ -1,39 +1,39 @@
-"""One registry mechanism for everything that is looked up by name (model presets, priors).
+"""One registry mechanism for everything that is looked up by name (model presets, model classes,
+priors).
 
-    MODELS = Registry("model")
+    MODELS.register("dmvae-tiny", factory)    # or @MODELS.register("dmvae-tiny")
+    MODELS.get("DMVAE-Tiny")                  # case-insensitive; unknown names say "did you mean"
+    MODELS.names("dmvae-*")                   # sorted, with an optional fnmatch pattern
 
-    @MODELS.register("dmvae-tiny")
-    def _tiny() -> DMVAEConfig: ...
+The registries hold objects (config factories, classes), never ``"module:Class"`` strings, and are
+filled by the modules that define the entries, when they are imported:
 
-    MODELS.get("dmvae-tiny")      # the function; unknown names list the known ones
-    MODELS.names("dmvae-*")       # sorted, with an optional fnmatch pattern
+* :data:`MODELS`: every model preset, name -> zero-argument function returning a config
+  (``DMVAEConfig`` presets in :mod:`dmvae.autoencoder_config`, ``LatentDiTConfig`` presets in
+  :mod:`dmvae.dit_config`, both written as a table and registered with
+  :meth:`dmvae._config.ConfigMixin.register_presets`);
+* :data:`MODEL_CLASSES`: model class name -> class (``"DMVAE"``, ``"LatentDiT"``), registered by
+  :mod:`dmvae.autoencoder` and :mod:`dmvae.dit`;
+* ``dmvae.priors.base.PRIORS``: the reference priors.
 
-:data:`MODELS` holds the presets of every model family: each entry is a zero-argument function
-returning a config (``DMVAEConfig``, ``LatentDiTConfig``), and the config class names the model
-class that builds it. :func:`create_model` / :func:`list_models` are the timm-style entry points.
-The registries are filled when the modules defining the entries are imported (no import-time
-side effects elsewhere); :func:`list_models` imports the model modules first.
+:func:`dmvae.models.create_model` / :func:`dmvae.models.list_models` (``dmvae.create_model``) import
+every model family and are the entry points for users.
 """
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
-import importlib
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
-from torch import nn
-
-__all__ = ["MODELS", "Registry", "UnknownNameError", "create_model", "list_models", "model_config"]
+__all__ = ["MODELS", "MODEL_CLASSES", "Registry", "UnknownNameError"]
 
 T = TypeVar("T")
 
-# Modules that register model presets; imported before any model lookup.
-_MODEL_MODULES = ("dmvae.autoencoder", "dmvae.dit")
 
-
-class UnknownNameError(KeyError, ValueError):
-    """A name that is not registered (a ``KeyError`` and, for older callers, a ``ValueError``)."""
+class UnknownNameError(KeyError):
+    """A name that is not registered; the message lists the known names (and the closest one)."""
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else ""
@@ -42,55 +42,70 @@ class UnknownNameError(KeyError, ValueError):
 class Registry(Generic[T]):
     """Name -> object, for one kind of thing (``kind`` is used in error messages).
 
-    Registering a name twice is an error unless ``override=True`` (so two plugins cannot silently
-    shadow each other). ``case_sensitive=False`` stores and looks up names lower-cased."""
+    Names keep the spelling they were registered with and are looked up case-insensitively.
+    Registering a name twice (in any case) is an error unless ``override=True``, so two plugins
+    cannot silently shadow each other."""
 
-    def __init__(self, kind: str, *, case_sensitive: bool = True) -> None:
+    def __init__(self, kind: str) -> None:
         self.kind = kind
-        self.case_sensitive = case_sensitive
-        self.entries: dict[str, T] = {}
+        self.entries: dict[str, T] = {}  # registered spelling -> object
+        self._index: dict[str, str] = {}  # casefolded name -> registered spelling
 
-    def key(self, name: Any) -> str:
-        """The stored form of ``name``; a non-string or empty name raises ``TypeError``."""
+    def _fold(self, name: Any) -> str:
         if not isinstance(name, str) or not name.strip():
             raise TypeError(f"a {self.kind} name must be a non-empty string, got {type(name).__name__} {name!r}")
-        return name if self.case_sensitive else name.lower()
+        return name.casefold()
 
     def register(self, name: str, obj: T | None = None, *, override: bool = False) -> Any:
         """``register(name, obj)``, or ``@register(name)`` as a decorator; returns ``obj``."""
-        key = self.key(name)
+        folded = self._fold(name)
 
         def add(value: T) -> T:
-            if key in self.entries and not override and self.entries[key] is not value:
-                raise ValueError(f"{self.kind} {key!r} is already registered (pass override=True to replace it)")
-            self.entries[key] = value
+            old = self._index.get(folded)
+            if old is not None and not override and self.entries[old] is not value:
+                raise ValueError(f"{self.kind} {old!r} is already registered (pass override=True to replace it)")
+            if old is not None:
+                del self.entries[old]
+            self.entries[name] = value
+            self._index[folded] = name
             return value
 
         return add if obj is None else add(obj)
 
     def unregister(self, name: str) -> T:
-        return self.entries.pop(self._check(name))
+        key = self.canonical(name)
+        del self._index[key.casefold()]
+        return self.entries.pop(key)
 
     def get(self, name: str) -> T:
-        """The entry called ``name``; an unknown name raises :class:`UnknownNameError` listing the
-        known ones."""
-        return self.entries[self._check(name)]
+        """The entry called ``name`` (any case); an unknown name raises :class:`UnknownNameError`
+        naming the closest known name and listing all of them."""
+        return self.entries[self.canonical(name)]
 
-    def _check(self, name: Any) -> str:
-        key = self.key(name)
-        if key not in self.entries:
-            close = [n for n in self.names() if n.lower() == key.lower()]
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise UnknownNameError(f"unknown {self.kind} {name!r}{hint}; known: {self.names()}")
+    def canonical(self, name: str) -> str:
+        """The registered spelling of ``name``; unknown names raise :class:`UnknownNameError`."""
+        key = self._index.get(self._fold(name))
+        if key is None:
+            raise UnknownNameError(f"unknown {self.kind} {name!r}{self.suggest(name)}; known: {self.names()}")
         return key
 
+    def suggest(self, name: str, names: list[str] | None = None) -> str:
+        """``" (did you mean 'x'?)"`` for the known name closest to ``name``, else ``""``."""
+        names = self.names() if names is None else names
+        folded = {n.casefold(): n for n in names}
+        close = difflib.get_close_matches(str(name).casefold(), list(folded), n=1, cutoff=0.6)
+        return f" (did you mean {folded[close[0]]!r}?)" if close else ""
+
     def names(self, pattern: str | None = None) -> list[str]:
-        """Registered names, sorted; ``pattern`` filters with shell wildcards (``"*XL*"``)."""
+        """Registered names, sorted; ``pattern`` filters with shell wildcards, ignoring case
+        (``"*xl*"``)."""
         names = sorted(self.entries)
-        return names if pattern is None else [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if pattern is None:
+            return names
+        return [n for n in names if fnmatch.fnmatchcase(n.casefold(), pattern.casefold())]
 
     def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and (name if self.case_sensitive else name.lower()) in self.entries
+        return isinstance(name, str) and name.casefold() in self._index
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
@@ -105,34 +120,5 @@ class Registry(Generic[T]):
 #: Model presets of every family: name -> zero-argument function returning a config.
 MODELS: Registry[Callable[[], Any]] = Registry("model preset")
 
-
-def _load_model_modules() -> None:
-    for module in _MODEL_MODULES:
-        importlib.import_module(module)
-
-
-def list_models(pattern: str | None = None) -> list[str]:
-    """Every model preset name (autoencoders and LatentDiTs), sorted; ``pattern`` as in timm
-    (``list_models("LightningDiT-*")``)."""
-    _load_model_modules()
-    return MODELS.names(pattern)
-
-
-def model_config(name: str, **overrides: Any) -> Any:
-    """The config of preset ``name`` with fields overridden (``KeyError`` lists known names)."""
-    _load_model_modules()
-    config = MODELS.get(name)()
-    return config.replace(**overrides) if overrides else config
-
-
-def create_model(name: str, **overrides: Any) -> nn.Module:
-    """Build a randomly initialised model from a preset, timm-style::
-
-        create_model("dmvae-tiny")                       # a DMVAE
-        create_model("LightningDiT-XL/1", num_classes=10)  # a LatentDiT
-
-    ``overrides`` replace config fields. Weights come from ``Model.from_pretrained``.
-    """
-    config = model_config(name, **overrides)
-    module_name, _, class_name = type(config).model_class.partition(":")
-    return getattr(importlib.import_module(module_name), class_name)(config)
+#: Model classes by class name (``"DMVAE"``, ``"LatentDiT"``); a config's ``model`` names its class.
+MODEL_CLASSES: Registry[type] = Registry("model class")

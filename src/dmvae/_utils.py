@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
 
-__all__ = ["unwrap_model"]
+__all__ = ["eval_mode", "unwrap_model"]
 
 
 def unwrap_model(model: Any) -> Any:
@@ -25,3 +27,19 @@ def unwrap_model(model: Any) -> Any:
         else:
             break
     return model
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: object) -> Iterator[None]:
+    """Put ``modules`` in eval mode for the block, then give every submodule back its own
+    ``training`` flag (a model with a frozen, eval-mode part stays that way). Arguments that are
+    not ``nn.Module`` (plain callables, priors given as functions) are ignored."""
+    mods = [m for m in modules if isinstance(m, nn.Module)]
+    saved = [(sub, sub.training) for m in mods for sub in m.modules()]
+    try:
+        for m in mods:
+            m.eval()
+        yield
+    finally:
+        for sub, flag in saved:
+            sub.training = flag

@@ -28,7 +28,8 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from dmvae.autoencoder_config import _PRESETS, DMVAEConfig, list_presets  # noqa: F401 - re-exported
+from dmvae._registry import MODEL_CLASSES
+from dmvae.autoencoder_config import DMVAEConfig
 from dmvae.autoencoder_inputs import (  # noqa: F401 - tokens_to_grid / grid_to_tokens re-exported
     INPUT_RANGE_LIMIT,
     as_image_batch,
@@ -50,7 +51,6 @@ __all__ = [
     "DMVAEConfig",
     "DMVAE",
     "DMVAEOutput",
-    "list_presets",
     "tokens_to_grid",
     "grid_to_tokens",
 ]
@@ -465,3 +465,6 @@ class DMVAE(nn.Module, HubMixin):
         if (output_type or ("pt" if from_tensor else "pil")) == "pt":
             return recon
         return tensor_to_pil(recon)
+
+
+MODEL_CLASSES.register("DMVAE", DMVAE)

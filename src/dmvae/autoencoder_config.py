@@ -1,8 +1,8 @@
 """Configuration and named presets of the :class:`~dmvae.autoencoder.DMVAE` autoencoder.
 
 ``DMVAEConfig`` holds the architecture and the latent statistics; the presets (``dmvae-l``,
-``dmvae-b``, ``dmvae-tiny``) are registered in the one model registry
-(:data:`dmvae._registry.MODELS`), next to the LatentDiT presets.
+``dmvae-b``, ``dmvae-tiny``) are one table, :data:`PRESETS`, registered in the one model registry
+(:data:`dmvae._registry.MODELS`) next to the LatentDiT presets of :mod:`dmvae.dit_config`.
 """
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from dmvae._config import ConfigMixin
-from dmvae._registry import MODELS
 from dmvae.encoders import RESERVED_TIMM_KWARGS
 
-__all__ = ["DMVAEConfig", "list_presets"]
+__all__ = ["PRESETS", "DMVAEConfig"]
 
 
 # ################################################################################################
@@ -29,7 +28,7 @@ class DMVAEConfig(ConfigMixin):
     reference fixture manifests. The defaults are the release architecture (``dmvae-l``) with
     identity latent statistics; use :meth:`from_preset` for named configurations."""
 
-    model_class: ClassVar[str] = "dmvae.autoencoder:DMVAE"
+    model: ClassVar[str] = "DMVAE"
     #: Fields a saved ``config.json`` must state: without them the latents would silently be
     #: normalised with 0 / 1 (see :meth:`ConfigMixin.load`).
     required_in_file: ClassVar[tuple[str, ...]] = ("latent_mean", "latent_scale")
@@ -129,45 +128,29 @@ class DMVAEConfig(ConfigMixin):
         return self.image_size // self.patch_size
 
 
+# ---- presets: one table of field values, registered in dmvae._registry.MODELS -----------------
 
-# ---- presets: tiny named functions in the one model registry (dmvae._registry.MODELS) -----------
-
-_PRESETS = MODELS.entries  # every model family's presets; DMVAE ones return a DMVAEConfig
-
-
-@MODELS.register("dmvae-l")
-def _dmvae_l() -> DMVAEConfig:
-    """The release model (HF ``sen-ye/dmvae``, ``vae.pt``): DINOv2-L/16 encoder, z=32, latent
-    statistics from the README."""
-    return DMVAEConfig(
-        encoder="vit_large_patch14_dinov2.lvd142m",
-        z_channels=32,
-        latent_mean=0.0685,
-        latent_scale=0.1763,
-    )
-
-
-@MODELS.register("dmvae-b")
-def _dmvae_b() -> DMVAEConfig:
-    """DINOv2-B/16 encoder, z=16 (the reference class defaults); identity latent statistics."""
-    return DMVAEConfig(encoder="vit_base_patch14_dinov2.lvd142m", z_channels=16)
-
-
-@MODELS.register("dmvae-tiny")
-def _dmvae_tiny() -> DMVAEConfig:
-    """The shrunk configuration of the upstream golden fixtures (96-d/2-block ViT, z=8,
-    decoder 32 x (1,2,2,2), 1+1 blocks per level); for tests, random weights only."""
-    return DMVAEConfig(
-        encoder="vit_base_patch14_dinov2.lvd142m",
-        encoder_kwargs={"embed_dim": 96, "depth": 2, "num_heads": 2},
-        bottleneck_dim=128,
-        z_channels=8,
-        decoder_channels=32,
-        decoder_channel_mult=(1, 2, 2, 2),
-        decoder_num_res_blocks=1,
-    )
-
-
-def list_presets() -> list[str]:
-    """Names accepted by :meth:`DMVAEConfig.from_preset` (and wherever a preset name is taken)."""
-    return DMVAEConfig.preset_names()
+PRESETS: dict[str, dict[str, Any]] = {
+    # The release model (HF ``sen-ye/dmvae``, ``vae.pt``): DINOv2-L/16 encoder, z=32, latent
+    # statistics from the README.
+    "dmvae-l": {
+        "encoder": "vit_large_patch14_dinov2.lvd142m",
+        "z_channels": 32,
+        "latent_mean": 0.0685,
+        "latent_scale": 0.1763,
+    },
+    # DINOv2-B/16 encoder, z=16 (the reference class defaults); identity latent statistics.
+    "dmvae-b": {"encoder": "vit_base_patch14_dinov2.lvd142m", "z_channels": 16},
+    # The shrunk configuration of the upstream golden fixtures (96-d/2-block ViT, z=8, decoder
+    # 32 x (1,2,2,2), 1+1 blocks per level); for tests, random weights only.
+    "dmvae-tiny": {
+        "encoder": "vit_base_patch14_dinov2.lvd142m",
+        "encoder_kwargs": {"embed_dim": 96, "depth": 2, "num_heads": 2},
+        "bottleneck_dim": 128,
+        "z_channels": 8,
+        "decoder_channels": 32,
+        "decoder_channel_mult": (1, 2, 2, 2),
+        "decoder_num_res_blocks": 1,
+    },
+}
+DMVAEConfig.register_presets(PRESETS)

@@ -15,16 +15,15 @@ released generators are sampled with their EMA weights. ``DMVAE.from_pretrained`
 ``LatentDiT.from_pretrained``, ``dmvae sample`` and ``dmvae convert`` all take these defaults, so a
 converted directory holds the same weights a direct load would use.
 
-:func:`convert_checkpoint` turns a reference file into one of our directories
-(``config.json`` + ``model.safetensors``); ``dmvae convert`` is a thin wrapper around it.
+This module only looks at checkpoints already in memory: it reads no file, imports no model and
+writes nothing. Turning a reference file into one of our directories (``config.json`` +
+``model.safetensors``) is :func:`dmvae.conversion.convert_checkpoint`, above the models.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from torch import Tensor
@@ -34,8 +33,8 @@ from dmvae.files import CheckpointError
 __all__ = [
     "AUTOENCODER",
     "DIT",
+    "LAYOUTS",
     "ReferenceLayout",
-    "convert_checkpoint",
     "detect_layout",
     "select_state_dict",
 ]
@@ -43,12 +42,13 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ReferenceLayout:
-    """One reference checkpoint layout: its raw / EMA entry names and the model it loads into."""
+    """One reference checkpoint layout: its raw / EMA entry names and the name of the model class
+    it loads into (the key of :data:`dmvae._registry.MODEL_CLASSES`)."""
 
     name: str
     raw_key: str
     ema_key: str
-    model_class: str  # "module:Class"
+    model: str
     default_use_ema: bool
 
     @property
@@ -56,8 +56,8 @@ class ReferenceLayout:
         return (self.raw_key, self.ema_key)
 
 
-AUTOENCODER = ReferenceLayout("autoencoder", "vae_wo_ddp", "vae_ema", "dmvae.autoencoder:DMVAE", False)
-DIT = ReferenceLayout("LatentDiT", "model", "ema", "dmvae.dit:LatentDiT", True)
+AUTOENCODER = ReferenceLayout("autoencoder", "vae_wo_ddp", "vae_ema", "DMVAE", False)
+DIT = ReferenceLayout("LatentDiT", "model", "ema", "LatentDiT", True)
 LAYOUTS = (AUTOENCODER, DIT)
 
 
@@ -108,56 +108,7 @@ def select_state_dict(
     hint = f" It has {other!r}: pass use_ema={not use_ema} to load those weights." if other in ckpt else ""
     foreign = next((lay for lay in LAYOUTS if lay is not layout and any(k in ckpt for k in lay.keys)), None)
     if foreign is not None:
-        cls = foreign.model_class.rpartition(":")[2]
-        hint = f" This is a {foreign.name} checkpoint ({foreign.raw_key!r}/{foreign.ema_key!r}): load it with {cls}.from_pretrained."
+        hint = (f" This is a {foreign.name} checkpoint ({foreign.raw_key!r}/{foreign.ema_key!r}): load it with "
+                f"{foreign.model}.from_pretrained.")
     raise CheckpointError(f"{source} has no {key!r} entry (use_ema={use_ema}); top-level keys found: {keys[:20]}.{hint}")
 
-
-def convert_checkpoint(
-    source: str | os.PathLike[str],
-    output: str | os.PathLike[str],
-    config: Any,
-    *,
-    use_ema: bool | None = None,
-    overrides: Mapping[str, Any] | None = None,
-    overwrite: bool = False,
-) -> tuple[Any, Path, bool]:
-    """Convert a reference ``.pt`` into ``output/`` (``config.json`` + ``model.safetensors``).
-
-    Args:
-        source: the reference checkpoint (``vae.pt`` or ``ep*.pt``); its layout picks the model.
-        output: the directory to write. If it already holds a model (``config.json`` or
-            ``model.safetensors``) it is refused unless ``overwrite=True`` (checked before any
-            work is done).
-        config: a preset name, a config or a dict for the detected model.
-        use_ema: EMA (True) or raw (False) weights; ``None`` = the layout's default (raw for the
-            autoencoder, EMA for a LatentDiT: what ``from_pretrained`` loads).
-        overrides: config fields to change (``{"input_size": 16}``).
-
-    Returns ``(model, output directory, whether EMA weights were taken)``.
-    """
-    import importlib
-
-    from dmvae._config import resolve_config
-    from dmvae.files import read_torch_checkpoint
-    from dmvae.hub import CONFIG_NAME, WEIGHTS_NAME
-
-    out = Path(output)
-    existing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if (out / n).exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{out} already holds a model ({', '.join(existing)}); pass overwrite=True "
-                              "(dmvae convert --overwrite) to replace it")
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"output {out} exists and is not a directory")
-    ckpt = read_torch_checkpoint(source)
-    layout = detect_layout(ckpt, str(source))
-    use_ema = layout.default_use_ema if use_ema is None else bool(use_ema)
-    module_name, _, class_name = layout.model_class.partition(":")
-    cls = getattr(importlib.import_module(module_name), class_name)
-    cfg = resolve_config(cls.config_class, config)
-    if overrides:
-        cfg = cfg.replace(**dict(overrides))
-    state_dict = select_state_dict(layout, ckpt, use_ema, str(source))
-    del ckpt
-    model = cls._build_and_load(cfg, state_dict, source=str(source))
-    return model, model.save_pretrained(out), use_ema

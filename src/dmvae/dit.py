@@ -10,18 +10,16 @@ Architecture (reference ``LightningDiT``): patch embedding, fixed 2-D sin-cos po
 *plus* 2-D RoPE, ``depth`` adaLN-Zero blocks (RMSNorm, QK-RMSNorm attention, SwiGLU), an adaLN final
 layer and unpatchify. Conditioning ``c = t_emb(t) + y_emb(y)`` with t in [0, 1] used as is.
 
-Quickstart::
+The configuration and its presets are :mod:`dmvae.dit_config`. Quickstart::
 
-    from dmvae.dit import create_model, LatentDiT
+    from dmvae import LatentDiT, create_model
     model = create_model("LightningDiT-XL/1", input_size=16, in_channels=32)
     model = LatentDiT.from_pretrained("ep800.pt", config="LightningDiT-XL/1")  # EMA weights
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -29,9 +27,9 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dmvae._config import ConfigMixin
-from dmvae._registry import MODELS
+from dmvae._registry import MODEL_CLASSES
 from dmvae.convert import DIT, ReferenceLayout
+from dmvae.dit_config import LatentDiTConfig
 from dmvae.hub import HubMixin
 from dmvae.layers import (
     Attention,
@@ -45,119 +43,9 @@ from dmvae.layers import (
     modulate,
     sincos_pos_embed_2d,
 )
-from dmvae.transport import apply_guidance
+from dmvae.transport import apply_guidance, batch_time, guidance_null_label
 
-__all__ = ["LatentDiT", "LatentDiTConfig", "create_model", "list_models"]
-
-
-# ################################################################################################
-#                                        configuration
-# ################################################################################################
-
-
-@dataclass
-class LatentDiTConfig(ConfigMixin):
-    """LightningDiT hyper-parameters, under the reference constructor's names.
-
-    The defaults are the reference constructor's (XL/2 over a 32x32x32 latent); the released DMVAE
-    generator is ``LatentDiTConfig.from_preset("LightningDiT-XL/1")`` (input 16, 32 channels).
-    """
-
-    model_class: ClassVar[str] = "dmvae.dit:LatentDiT"
-
-    input_size: int = 32  # latent height = width (tokens per side = input_size / patch_size)
-    patch_size: int = 2  # the "/N" of the preset names
-    in_channels: int = 32  # latent channels (the DMVAE release: z_channels = 32)
-    hidden_size: int = 1152
-    depth: int = 28
-    num_heads: int = 16
-    mlp_ratio: float = 4.0  # feed-forward width = mlp_ratio * hidden (x 2/3 for SwiGLU)
-    class_dropout_prob: float = 0.1  # label dropout in train mode; > 0 adds the null class row
-    num_classes: int = 1000  # null / unconditional label id = num_classes; 0 = unconditional model
-    learn_sigma: bool = False  # doubles the output channels; forward returns the velocity half only
-    use_qknorm: bool = True  # normalise q and k per head before RoPE
-    use_swiglu: bool = True  # SwiGLU (w12, w3) instead of a GELU-tanh MLP (fc1, fc2)
-    use_rope: bool = True  # 2-D RoPE in attention, on top of the fixed sin-cos pos_embed
-    use_rmsnorm: bool = True  # RMSNorm (with weight) instead of LayerNorm without affine
-    wo_shift: bool = False  # adaLN without the shift terms in the blocks (scale and gate only)
-    use_checkpoint: bool = False  # activation checkpointing of the blocks in train mode
-
-    def __post_init__(self) -> None:
-        for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads",
-                     "num_classes"):
-            value = getattr(self, name)
-            low = 0 if name == "num_classes" else 1  # num_classes = 0: an unconditional model
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"LatentDiTConfig.{name} must be an int >= {low}, got {value!r}")
-        if self.input_size % self.patch_size:
-            raise ValueError(
-                f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}"
-            )
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
-            )
-        if self.use_rope and self.head_dim % 4:
-            raise ValueError(f"RoPE needs head_dim divisible by 4, got {self.head_dim}")
-        if self.hidden_size % 4:
-            raise ValueError(f"hidden_size must be divisible by 4, got {self.hidden_size}")
-        if not 0.0 <= self.class_dropout_prob < 1.0:
-            raise ValueError(f"class_dropout_prob must be in [0, 1), got {self.class_dropout_prob}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def out_channels(self) -> int:
-        return self.in_channels * 2 if self.learn_sigma else self.in_channels
-
-    @property
-    def grid_size(self) -> int:
-        return self.input_size // self.patch_size
-
-    @property
-    def mlp_hidden(self) -> int:
-        hidden = int(self.hidden_size * self.mlp_ratio)
-        return int(2 / 3 * hidden) if self.use_swiglu else hidden
-
-
-
-# (depth, hidden, heads) of the reference LightningDiT_models; "/N" is the patch size.
-_SIZES = {
-    "Mini": (6, 256, 4),
-    "S": (12, 384, 6),
-    "B": (12, 768, 12),
-    "L": (24, 1024, 16),
-    "XL": (28, 1152, 16),
-    "1p0B": (24, 1536, 24),
-    "1p6B": (28, 1792, 28),
-}
-_VARIANTS = {"Mini": (1,), "S": (1,), "B": (1, 2), "L": (1, 2), "XL": (1, 2), "1p0B": (1, 2),
-             "1p6B": (1, 2)}
-# Presets default to the DMVAE release latent (16x16x32); the reference class default is 32x32.
-# They live in the one model registry (dmvae._registry.MODELS) next to the autoencoder presets.
-for _size, _patches in _VARIANTS.items():
-    for _p in _patches:
-        _depth, _hidden, _heads = _SIZES[_size]
-        MODELS.register(f"LightningDiT-{_size}/{_p}", functools.partial(
-            LatentDiTConfig, depth=_depth, hidden_size=_hidden, num_heads=_heads, patch_size=_p,
-            input_size=16, in_channels=32))
-_PRESETS = MODELS.entries
-
-
-def list_models() -> list[str]:
-    """LatentDiT preset names accepted by :func:`create_model` (``dmvae.list_models()`` lists
-    every model family)."""
-    return LatentDiTConfig.preset_names()
-
-
-def create_model(name: str, **overrides: Any) -> LatentDiT:
-    """Build a randomly initialised preset, e.g. ``create_model("LightningDiT-XL/1", num_classes=10)``.
-
-    Presets use the DMVAE release latent (``input_size=16, in_channels=32``) unless overridden.
-    """
-    return LatentDiT(LatentDiTConfig.from_preset(name, **overrides))
+__all__ = ["LatentDiT", "LatentDiTConfig"]
 
 
 # ################################################################################################
@@ -335,7 +223,7 @@ class LatentDiT(nn.Module, HubMixin):
             nn.init.zeros_(lin.bias)
 
     # ---- input checks --------------------------------------------------------------------------
-    def _check_inputs(
+    def check_inputs(
         self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor | None, check_time: bool = True,
         check_values: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -352,13 +240,7 @@ class LatentDiT(nn.Module, HubMixin):
                 f"x must be (B, {expected[0]}, {expected[1]}, {expected[2]}) for this LatentDiT "
                 f"(in_channels={cfg.in_channels}, input_size={cfg.input_size}), got {tuple(x.shape)}"
             )
-        t = torch.as_tensor(t, device=x.device)
-        if not t.is_floating_point():
-            t = t.float()
-        if t.ndim == 0:
-            t = t.expand(b)
-        if t.shape != (b,):
-            raise ValueError(f"t must be a scalar or have shape ({b},), got {tuple(t.shape)}")
+        t = batch_time(t, b, x.device, check=False)
         if check_values and (torch.isnan(t).any() or (check_time and ((t < 0).any() or (t > 1).any()))):
             raise ValueError(
                 f"t must lie in [0, 1] (t = 0 noise, t = 1 data), got min {t.min().item():.4g}, "
@@ -409,7 +291,7 @@ class LatentDiT(nn.Module, HubMixin):
         ``check_values=False`` skips the checks that read t and y back to the host (a sampler
         validates once before its loop); shapes are always checked."""
         if not torch.compiler.is_compiling():
-            t, y = self._check_inputs(x, t, y, check_time, check_values)
+            t, y = self.check_inputs(x, t, y, check_time, check_values)
         x = self.x_embedder(x) + self.pos_embed  # (B, N, D)
         c = self.t_embedder(t)  # (B, D)
         if self.y_embedder is not None:
@@ -448,17 +330,14 @@ class LatentDiT(nn.Module, HubMixin):
           elsewhere both halves carry the conditional output. ``(start, 1.0)`` reproduces the
           reference's ``cfg_interval_start`` rule (unguided iff ``t < start``, strict).
         """
-        if self.null_class is None:
-            raise ValueError("forward_with_cfg needs a null class: this LatentDiT has none "
-                             "(class_dropout_prob=0 or num_classes=0)")
+        guidance_null_label(self)
         n = x.shape[0]
         if n % 2:
             raise ValueError(f"forward_with_cfg expects an even (doubled) batch, got {n} rows")
         half = x[: n // 2]
         out = self(torch.cat([half, half], dim=0), t, y)  # (2B, C, H, W); self(): a compiled call
         cond, uncond = out.chunk(2, dim=0)
-        t_cond = torch.as_tensor(t, device=x.device, dtype=torch.float32)
-        t_cond = t_cond.expand(n)[: n // 2] if t_cond.ndim == 0 else t_cond[: n // 2]
+        t_cond = batch_time(t, n, x.device, check=False).float()[: n // 2]
         g_cond, g_uncond = apply_guidance(cond, uncond, cfg_scale, t_cond, cfg_interval=cfg_interval,
                                           guidance_channels=guidance_channels)
         return torch.cat([g_cond, g_uncond], dim=0)
@@ -468,3 +347,6 @@ class LatentDiT(nn.Module, HubMixin):
         return (f"input_size={c.input_size}, patch_size={c.patch_size}, in_channels={c.in_channels}, "
                 f"hidden_size={c.hidden_size}, depth={c.depth}, num_heads={c.num_heads}")
 
+
+
+MODEL_CLASSES.register("LatentDiT", LatentDiT)

@@ -34,26 +34,25 @@ A paper-convention range [a, b] (t = 1 noise) is the library range [1 - b, 1 - a
 annealing "[0, 1] -> [0, 0.5]" (Table 2) is therefore ``TRangeAnneal(start=(0, 1), end=(0.5, 1))``.
 
 The other objectives of the paper's 2-D study (Fig. 3: real-score or fake-score maximisation,
-score-difference and loss-difference minimisation) live with that study in
-:mod:`dmvae.demo.objectives`; ``objective=`` selects them.
+score-difference and loss-difference minimisation) are not part of the method: they live with that
+study, as a subclass of this loss (:class:`dmvae.demo.objectives.ResearchObjectiveLoss`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmvae._utils import unwrap_model
+from dmvae._utils import eval_mode, unwrap_model
 from dmvae.transport import (
     FlowMatching,
-    check_time,
+    batch_time,
     data_from_velocity,
     guided_velocity,
     interpolate,
@@ -61,23 +60,12 @@ from dmvae.transport import (
 )
 
 __all__ = [
-    "DistributionMatchingLoss",
     "DMBreakdown",
+    "DistributionMatchingLoss",
     "TRangeAnneal",
     "paper_to_library_t_range",
-    "OBJECTIVES",
     "surrogate_loss",
-    "unwrap_model",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    # the research objectives are defined by the 2-D study; imported only when asked for
-    if name == "OBJECTIVES":
-        from dmvae.demo.objectives import OBJECTIVES
-
-        return OBJECTIVES
-    raise AttributeError(f"module 'dmvae.dm_loss' has no attribute {name!r}")
 
 
 def paper_to_library_t_range(paper_range: tuple[float, float]) -> tuple[float, float]:
@@ -115,7 +103,8 @@ class TRangeAnneal:
 
 
 class DMBreakdown(NamedTuple):
-    """What one DM-loss call computed (all detached). ``None`` where an objective has no such term."""
+    """What one DM-loss call computed (all detached). ``None`` where a variant of the loss (the
+    research objectives of :mod:`dmvae.demo.objectives`) has no such term."""
 
     loss: torch.Tensor  # () value of the surrogate
     grad: torch.Tensor | None  # (B, *S) float32 update direction g (E1); dL/dz = g / numel
@@ -125,20 +114,6 @@ class DMBreakdown(NamedTuple):
     x_t: torch.Tensor  # (B, *S)
     pred_real: torch.Tensor | None  # (B, *S) x_hat of the real model (after CFG)
     pred_fake: torch.Tensor | None  # (B, *S) x_hat of the fake model (after CFG)
-
-
-@contextlib.contextmanager
-def eval_mode(*modules: object) -> Iterator[None]:
-    """Temporarily put modules in eval mode; restore every submodule's own flag afterwards."""
-    saved = [(m, m.training) for mod in modules if isinstance(mod, nn.Module) for m in mod.modules()]
-    try:
-        for mod in modules:
-            if isinstance(mod, nn.Module):
-                mod.eval()
-        yield
-    finally:
-        for m, flag in saved:
-            m.training = flag
 
 
 def surrogate_loss(z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -163,8 +138,6 @@ class DistributionMatchingLoss(nn.Module):
             :class:`TRangeAnneal`). The step is the ``step=`` argument or the internal counter
             ``self.step`` (a buffer, so ``state_dict()`` resumes it), advanced by each forward.
         normalize: divide by the per-sample mean |z - x_hat_real| (E1). ``False`` = the toy variant.
-        objective: ``"dm"`` (default) or one of the research variants of the paper's 2-D study,
-            see :data:`dmvae.demo.objectives.OBJECTIVES` (reference toy names are aliases).
 
     Latents may have any per-sample shape the networks accept, or a vector shape (B, D) when a
     network takes (B, C, H, W) with C H W = D (:func:`dmvae.transport.call_model` reshapes).
@@ -186,7 +159,6 @@ class DistributionMatchingLoss(nn.Module):
         t_range: tuple[float, float] = (0.0, 1.0),
         t_schedule: Callable[[int], tuple[float, float]] | None = None,
         normalize: bool = True,
-        objective: str = "dm",
     ) -> None:
         super().__init__()
         if not callable(real) or not callable(fake):
@@ -196,10 +168,6 @@ class DistributionMatchingLoss(nn.Module):
         t0, t1 = (float(x) for x in t_range)
         if not (0.0 <= t0 <= t1 <= 1.0):
             raise ValueError(f"t_range must satisfy 0 <= t0 <= t1 <= 1 (t = 1 is data), got {t_range}")
-        if objective not in ("dm", "dmd"):
-            from dmvae.demo.objectives import resolve_objective
-
-            objective = resolve_objective(objective)
         # referenced, not registered: the loss must not own (or move, or save) the score networks
         object.__setattr__(self, "_real", real)
         object.__setattr__(self, "_fake", fake)
@@ -207,7 +175,6 @@ class DistributionMatchingLoss(nn.Module):
         self.t_range = (t0, t1)
         self.t_schedule = t_schedule
         self.normalize = bool(normalize)
-        self.objective = "dm" if objective == "dmd" else objective
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
     @property
@@ -225,7 +192,7 @@ class DistributionMatchingLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"objective={self.objective!r}, cfg_scale={self.cfg_scale}, t_range={self.t_range},"
+            f"cfg_scale={self.cfg_scale}, t_range={self.t_range},"
             f" t_schedule={self.t_schedule!r}, normalize={self.normalize}"
         )
 
@@ -259,12 +226,7 @@ class DistributionMatchingLoss(nn.Module):
             u = torch.rand(b, generator=generator, device=z.device, dtype=torch.float32)
             t = u * (t1 - t0) + t0
         else:
-            t = torch.as_tensor(t, dtype=torch.float32, device=z.device)
-            if t.ndim == 0:
-                t = t.expand(b)
-            if t.shape != (b,):
-                raise ValueError(f"t must be a scalar or of shape ({b},), got {tuple(t.shape)}")
-            check_time(t)
+            t = batch_time(t, b, z.device)
         return t.float(), noise.float()
 
     @staticmethod
@@ -305,10 +267,6 @@ class DistributionMatchingLoss(nn.Module):
         t, noise = self.draw(latents, t, noise, generator, step)
         if step is None:
             self.step += 1
-        if self.objective != "dm":
-            from dmvae.demo.objectives import research_objective
-
-            return research_objective(self, latents, labels, t, noise)
         return self._dm(latents, labels, t, noise)
 
     def _dm(self, latents: torch.Tensor, labels: torch.Tensor | None, t: torch.Tensor,
@@ -350,13 +308,8 @@ class DistributionMatchingLoss(nn.Module):
         self._check_latents(latents, labels)
         st = int(self.step) if step is None else step
         z = latents.detach().float()
-        if self.objective == "dm":
-            t_, noise_ = self.draw(z, t, noise, generator, st)
-            return self._dm(z, labels, t_, noise_)[1].grad
-        z.requires_grad_(True)
-        loss, _ = self.forward(z, labels, t=t, noise=noise, step=st, generator=generator)
-        (gz,) = torch.autograd.grad(loss, z)
-        return gz * z.numel()
+        t_, noise_ = self.draw(z, t, noise, generator, st)
+        return self._dm(z, labels, t_, noise_)[1].grad
 
     # ------------------------------------------------------------------ Eq. 7: the fake score
     def fake_loss(

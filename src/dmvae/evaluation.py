@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 import torch
 
+from dmvae._utils import eval_mode
 from dmvae.image import (
     IMAGE_EXTENSIONS,
     ImageFolderDataset,
@@ -217,16 +218,10 @@ def evaluate_reconstruction(
             raise ValueError(f"{total} images cannot be split over {world} ranks (need >= 2 per rank)")
         dataset = torch.utils.data.Subset(dataset, list(range(rank, total, world)))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    was_training = model.training if isinstance(model, torch.nn.Module) else None
-    if was_training is not None:
-        model.eval()
-    try:
+    with eval_mode(model):
         sums, n, size, stats = _reconstruction_sums(
             model, loader, extractor, lpips, device, autocast, progress and rank == 0
         )
-    finally:
-        if was_training is not None:
-            model.train(was_training)
     real_stats, fake_stats, latent_stats = stats
     has_latents = latent_stats.count > 0
     if world > 1:  # add up the other ranks' sums (StreamingStats / LatentStats / per-image sums)

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dmvae._utils import eval_mode
 from dmvae.checks import check_finite, check_int
 from dmvae.image import to_uint8_numpy
 from dmvae.npz import ShardedNpzWriter
@@ -198,15 +199,10 @@ def sample_images(
         sde_seed if sde_seed is not None else sample_seed(seed, first_index + n)
     )
     amp = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
-    was_training = dit.training
-    dit.eval()
-    try:
-        with amp:
-            latents = sample(dit, noise, None if labels is None else labels.to(device), generator=gen,
-                             progress=progress, **sampler_kwargs)  # fmt: skip
-            images = vae.decode(latents, normalize=True)
-    finally:
-        dit.train(was_training)
+    with eval_mode(dit), amp:
+        latents = sample(dit, noise, None if labels is None else labels.to(device), generator=gen,
+                         progress=progress, **sampler_kwargs)  # fmt: skip
+        images = vae.decode(latents, normalize=True)
     if images.ndim != 4 or images.shape[0] != n or images.shape[1] != 3:
         raise ValueError(f"vae.decode must return (B, 3, H, W) with B = {n}, got {tuple(images.shape)}")
     return to_uint8_numpy(images)

@@ -405,6 +405,14 @@ class HubMixin:
         return model.eval()
 
     @classmethod
+    def from_state_dict(cls, config: Any, state_dict: Mapping[str, torch.Tensor], *,
+                        source: str = "state dict") -> Self:
+        """A model of ``config`` (a config, a dict or a preset name) holding exactly
+        ``state_dict``: every key, shape and dtype kind must match (``CheckpointError`` names the
+        differences and ``source``)."""
+        return cls._build_and_load(cls._resolve_config(config), state_dict, source=source)
+
+    @classmethod
     def _build_and_load(
         cls, cfg: Any, state_dict: Mapping[str, torch.Tensor], source: str
     ) -> Self:

@@ -30,8 +30,13 @@ import torch
 
 from dmvae._utils import unwrap_model
 from dmvae.checks import check_finite, check_range
-from dmvae.transport import _check_interval, guided_velocity, resolve_labels, shift_time
-from dmvae.transport import null_label as _null_label_of
+from dmvae.transport import (
+    _check_interval,
+    guidance_null_label,
+    guided_velocity,
+    resolve_labels,
+    shift_time,
+)
 
 __all__ = ["METHODS", "sample", "sde_time_grid", "time_grid"]
 
@@ -112,7 +117,7 @@ def _prepare(
     if guided and labels is not None:
         y = torch.cat([labels, torch.full_like(labels, null)])
         noise = torch.cat([noise, noise])
-    m._check_inputs(noise, torch.zeros((), device=noise.device), y)
+    m.check_inputs(noise, torch.zeros((), device=noise.device), y)
     return {"check_values": False} if not extrapolate else {"check_values": False, "check_time": False}
 
 
@@ -199,12 +204,7 @@ def sample(
     atol = check_range("atol", atol, 0.0, low_open=True)
     rtol = check_range("rtol", rtol, 0.0, low_open=True)
     guided = cfg_scale != 1.0 and labels is not None
-    null = _null_label_of(model) if null_label is None else null_label
-    if guided and null is None:
-        raise ValueError(
-            "classifier-free guidance needs the null label: the model has no null class "
-            "(class_dropout_prob == 0) and null_label= was not given"
-        )
+    null = guidance_null_label(model, null_label) if guided else null_label
     model_kwargs = _prepare(model, noise, labels, null, guided, extrapolate=method == "dopri5")
     v = _velocity_fn(model, labels, cfg_scale, cfg_interval, guidance_channels, null, eval_times,
                      model_kwargs)

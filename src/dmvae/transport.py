@@ -43,27 +43,34 @@ from dmvae._config import ConfigMixin
 from dmvae._utils import unwrap_model
 
 __all__ = [
+    "MIN_ONE_MINUS_T",
     "FlowMatching",
     "FlowMatchingConfig",
     "FlowMatchingLoss",
     "apply_guidance",
+    "batch_time",
     "call_model",
     "check_time",
+    "data_from_velocity",
+    "gaussian_velocity",
+    "guidance_null_label",
     "guided_velocity",
     "interpolate",
+    "noise_from_velocity",
     "null_label",
     "resolve_labels",
     "sample_shape",
-    "noise_from_velocity",
     "sample_time",
     "score_from_velocity",
     "shift_time",
     "velocity_from_data",
     "velocity_from_score",
-    "data_from_velocity",
 ]
 
 DEFAULT_EPS = 1e-5
+#: The smallest ``1 - t`` the priors (and the research objectives of the 2-D study) divide by when
+#: they turn a velocity into a score or a clean-sample prediction into a velocity.
+MIN_ONE_MINUS_T = 1e-4
 
 
 def check_time(t: torch.Tensor) -> torch.Tensor:
@@ -75,6 +82,23 @@ def check_time(t: torch.Tensor) -> torch.Tensor:
         bad = t[~((t >= 0) & (t <= 1))]
         raise ValueError(f"t must lie in [0, 1] (t = 0 noise, t = 1 data), got {bad.flatten()[:4].tolist()}")
     return t
+
+
+def batch_time(t: torch.Tensor | float, batch: int, device: torch.device | str | None = None, *,
+               check: bool = True) -> torch.Tensor:
+    """``t`` as a (B,) floating tensor on ``device``: the one place a caller's time is normalised.
+
+    A number or a 0-d tensor is expanded to ``batch`` rows (a view, no copy); an integer tensor
+    becomes float32; any shape other than () or (B,) raises. With ``check`` the values must lie in
+    [0, 1] (:func:`check_time`, which reads them back to the host)."""
+    t = torch.as_tensor(t, device=device)
+    if not t.is_floating_point():
+        t = t.float()
+    if t.ndim == 0:
+        t = t.expand(batch)
+    if t.shape != (batch,):
+        raise ValueError(f"t must be a scalar or of shape ({batch},), got {tuple(t.shape)}")
+    return check_time(t) if check else t
 
 
 def _expand(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -158,6 +182,22 @@ def score_from_velocity(
     return (te * v - x_t) / (1 - te).clamp_min(eps)
 
 
+def gaussian_velocity(
+    x_t: torch.Tensor, t: torch.Tensor, mean: torch.Tensor | float, var: torch.Tensor | float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Velocity ``E[x - eps | x_t]`` for data ``x ~ N(mean, var)`` per coordinate, and the
+    variance ``d = t^2 var + (1 - t)^2`` of ``x_t`` (``t``, ``mean``, ``var`` broadcast against
+    ``x_t``)::
+
+        v = mean + (t var - (1 - t)) (x_t - t mean) / d
+
+    Finite for every t in [0, 1] (no division by 1 - t); ``d`` is floored at 1e-12 so a point
+    mass (var = 0) at t = 1 stays finite. The one home of this posterior: the Gaussian, mixture and
+    sample-bank priors all use it."""
+    d = (t.square() * var + (1 - t).square()).clamp_min(1e-12)
+    return mean + (t * var - (1 - t)) * (x_t - t * mean) / d, d
+
+
 def velocity_from_score(
     x_t: torch.Tensor, score: torch.Tensor, t: torch.Tensor, eps: float = DEFAULT_EPS
 ) -> torch.Tensor:
@@ -238,20 +278,10 @@ def guided_velocity(
     :func:`null_label` of the model). ``t`` is a (B,) tensor or a 0-d tensor (expanded, no copy),
     never a Python float, so a compiled model sees the same input types at every step.
     """
-    b = x.shape[0]
-    t = torch.as_tensor(t, device=x.device)
-    if t.ndim == 0:
-        t = t.expand(b)
+    t = batch_time(t, x.shape[0], x.device, check=False)
     if cfg_scale == 1.0 or labels is None:
         return call_model(model, x, t, labels, **model_kwargs).to(x.dtype)
-    if null is None:
-        null = null_label(model)
-    if null is None:
-        raise ValueError(
-            "classifier-free guidance needs the null label: "
-            f"{type(unwrap_model(model)).__name__} has no null class (a LatentDiT built with "
-            "class_dropout_prob=0) and no null label was given"
-        )
+    null = guidance_null_label(model, null)
     y = torch.cat([labels, torch.full_like(labels, null)])
     out = call_model(model, torch.cat([x, x]), torch.cat([t, t]), y, **model_kwargs).to(x.dtype)  # (2B, ...): conditional rows, then unconditional rows
     cond, uncond = out.chunk(2)
@@ -289,6 +319,20 @@ def null_label(model: Any) -> int | None:
         return m.null_class
     nc = getattr(m, "num_classes", None)
     return nc if nc else None
+
+
+def guidance_null_label(model: Any, null: int | None = None) -> int:
+    """The label classifier-free guidance uses for ``model``'s unconditional rows: ``null`` when
+    given, else :func:`null_label`; a model without a null class raises (the one such check)."""
+    if null is None:
+        null = null_label(model)
+    if null is None:
+        raise ValueError(
+            "classifier-free guidance needs the null label: "
+            f"{type(unwrap_model(model)).__name__} has no null class (a LatentDiT built with "
+            "class_dropout_prob=0 or num_classes=0) and no null label was given"
+        )
+    return null
 
 
 def resolve_labels(
@@ -430,12 +474,7 @@ class FlowMatching:
         if t is None:
             t = self.sample_time(b, generator=generator, device=x1.device)
         else:
-            t = torch.as_tensor(t, device=x1.device)
-            if t.ndim == 0:
-                t = t.expand(b)
-            if t.shape != (b,):
-                raise ValueError(f"t must have shape ({b},), got {tuple(t.shape)}")
-            check_time(t)
+            t = batch_time(t, b, x1.device)
         x_t = interpolate(x1, noise, t)  # (B, ...)
         target = x1 - noise  # velocity x1 - x0
         pred = model(x_t, t, labels, **model_kwargs)

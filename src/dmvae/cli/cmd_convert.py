@@ -1,5 +1,5 @@
 """``dmvae convert``: reference ``.pt`` checkpoints -> our safetensors directories
-(argparse around :func:`dmvae.convert.convert_checkpoint`)."""
+(argparse around :func:`dmvae.conversion.convert_checkpoint`)."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def _overrides(pairs: list[str]) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from dmvae.cli._common import config_arg, writing
-    from dmvae.convert import convert_checkpoint
+    from dmvae.conversion import convert_checkpoint
     from dmvae.hub import CONFIG_NAME, WEIGHTS_NAME
 
     if args.config is None:

@@ -74,7 +74,7 @@ def _describe_dit(config: Any, label: str) -> dict[str, Any]:
 
 def describe(source: str) -> dict[str, Any]:
     """The description of a preset name, a ``config.json`` or a directory holding one."""
-    from dmvae._registry import list_models, model_config
+    from dmvae.models import list_models, model_config
     from dmvae.autoencoder import DMVAEConfig
     from dmvae.dit import LatentDiTConfig
 

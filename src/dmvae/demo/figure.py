@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dmvae.files import atomic_write_bytes
 from dmvae.demo.objectives import FINDINGS
+from dmvae.files import atomic_write_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmvae.demo.toy2d import Toy2DRun

@@ -3,7 +3,9 @@
 Only ``dm`` (paper Eq. 8) is the DMVAE method; it lives in :mod:`dmvae.dm_loss`. The others are the
 alternatives the paper tries and rejects, written with the same pieces (the path, x̂ and the
 guided velocity of :mod:`dmvae.transport`, the surrogate (E2) of :mod:`dmvae.dm_loss`), and are
-selected with ``DistributionMatchingLoss(real, fake, objective=name)``.
+selected with ``ResearchObjectiveLoss(real, fake, objective=name)``, a
+:class:`~dmvae.dm_loss.DistributionMatchingLoss` that computes ``name`` instead of Eq. 8
+(``objective="dm"`` is the method itself).
 
 Notation: descent moves z by −g, where g = numel · ∂L/∂z; ``sg`` is stop-gradient; u = z − ε is
 the flow-matching target; x_t = t z + (1 − t) ε. Objectives that backpropagate through a network
@@ -14,14 +16,17 @@ networks' parameters never receive a gradient from these losses.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
+from dmvae._utils import eval_mode
+from dmvae.dm_loss import DistributionMatchingLoss, DMBreakdown, surrogate_loss
 from dmvae.transport import (
+    MIN_ONE_MINUS_T,
     data_from_velocity,
     interpolate,
     resolve_labels,
@@ -29,13 +34,11 @@ from dmvae.transport import (
     score_from_velocity,
 )
 
-if TYPE_CHECKING:  # pragma: no cover
-    from dmvae.dm_loss import DistributionMatchingLoss
-
 __all__ = [
     "COMPARE_OBJECTIVES",
     "FINDINGS",
     "OBJECTIVES",
+    "ResearchObjectiveLoss",
     "research_objective",
     "resolve_objective",
 ]
@@ -82,8 +85,6 @@ FINDINGS: dict[str, str] = {
 # (c) the loss difference.
 COMPARE_OBJECTIVES = ("dm", "real_score", "fake_score", "score_diff", "loss_diff")
 
-_MIN_ONE_MINUS_T = 1e-4  # the score divides by 1 - t (singular at t = 1)
-
 
 def resolve_objective(name: str) -> str:
     """The library name of an objective (reference toy names are aliases); unknown names raise."""
@@ -111,16 +112,51 @@ def _input_jacobian_only(model: Callable, x: torch.Tensor, t: torch.Tensor,
     return out.reshape(x.shape).float()
 
 
+class ResearchObjectiveLoss(DistributionMatchingLoss):
+    """:class:`~dmvae.dm_loss.DistributionMatchingLoss` computing one of :data:`OBJECTIVES`.
+
+    ``objective="dm"`` (or the reference name ``"dmd"``) is the method itself (Eq. 8); the others
+    are the alternatives of the paper's Fig. 3. Every other argument is the parent's. The time and
+    noise draws, the step counter, CFG and the fake-score loss (Eq. 7) are the parent's, so two
+    objectives differ only in the update they compute.
+    """
+
+    def __init__(self, real: nn.Module | Callable, fake: nn.Module | Callable, *, objective: str = "dm",
+                 **kwargs: Any) -> None:
+        super().__init__(real, fake, **kwargs)
+        self.objective = resolve_objective(objective)
+
+    def extra_repr(self) -> str:
+        return f"objective={self.objective!r}, {super().extra_repr()}"
+
+    def _dm(self, latents: torch.Tensor, labels: torch.Tensor | None, t: torch.Tensor,
+            noise: torch.Tensor) -> tuple[torch.Tensor, DMBreakdown]:
+        if self.objective == "dm":
+            return super()._dm(latents, labels, t, noise)
+        return research_objective(self, latents, labels, t, noise)
+
+    def gradient(self, latents: torch.Tensor, labels: torch.Tensor | None = None, *,
+                 t: torch.Tensor | float | None = None, noise: torch.Tensor | None = None,
+                 step: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``numel * dL/dz`` of the objective (for ``"dm"``, the parent's g itself)."""
+        if self.objective == "dm":
+            return super().gradient(latents, labels, t=t, noise=noise, step=step, generator=generator)
+        self._check_latents(latents, labels)
+        z = latents.detach().float().requires_grad_(True)
+        st = int(self.step) if step is None else step
+        loss, _ = self.forward(z, labels, t=t, noise=noise, step=st, generator=generator)
+        (gz,) = torch.autograd.grad(loss, z)
+        return gz * z.numel()
+
+
 def research_objective(
-    loss_fn: DistributionMatchingLoss,
+    loss_fn: ResearchObjectiveLoss,
     latents: torch.Tensor,
     labels: torch.Tensor | None,
     t: torch.Tensor,
     noise: torch.Tensor,
 ):
     """Loss and breakdown of ``loss_fn.objective`` (not ``"dm"``) for drawn ``t`` and ``noise``."""
-    from dmvae.dm_loss import DMBreakdown, eval_mode, surrogate_loss
-
     name = loss_fn.objective
     real, fake = loss_fn.networks()
     z = latents.float()
@@ -133,7 +169,7 @@ def research_objective(
         with torch.no_grad(), eval_mode(real, fake):
             v = loss_fn.velocity(net, x_t, t, labels)
         with torch.no_grad(), torch.autocast(zd.device.type, enabled=False):
-            score = score_from_velocity(x_t, v, t, eps=_MIN_ONE_MINUS_T)
+            score = score_from_velocity(x_t, v, t, eps=MIN_ONE_MINUS_T)
             g = torch.nan_to_num(score if name == "fake_score_repel" else -score)
             pred = data_from_velocity(x_t, v, t)
         loss = surrogate_loss(z, g)

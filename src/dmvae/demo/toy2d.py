@@ -34,25 +34,25 @@ import numpy as np
 import torch
 
 from dmvae._config import ConfigMixin
-from dmvae.demo.objectives import COMPARE_OBJECTIVES, FINDINGS
+from dmvae.demo.objectives import COMPARE_OBJECTIVES, FINDINGS, ResearchObjectiveLoss
 from dmvae.dm_loss import DistributionMatchingLoss
 from dmvae.metrics.distribution import coverage, energy_distance
 from dmvae.priors.learned import fit_reference_model
 from dmvae.priors.sshape import SShape2D
 
 __all__ = [
-    "Toy2DConfig",
-    "Toy2DRun",
-    "make_score_net",
-    "train_real_score",
-    "align_points",
-    "evaluate_points",
-    "energy_floor",
-    "initial_points",
-    "update_field",
     "COMPARE_OBJECTIVES",
+    "Toy2DConfig",
     "Toy2DResult",
+    "Toy2DRun",
+    "align_points",
+    "energy_floor",
+    "evaluate_points",
+    "initial_points",
+    "make_score_net",
     "run_toy2d",
+    "train_real_score",
+    "update_field",
 ]
 
 
@@ -213,7 +213,7 @@ def _align_points(cfg: Toy2DConfig, real: torch.nn.Module, refs: Sequence[torch.
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s / n_updates, 1.0)))
     )
-    loss_fn = DistributionMatchingLoss(real, fake, t_range=cfg.t_range, normalize=cfg.normalize, objective=objective)
+    loss_fn = ResearchObjectiveLoss(real, fake, t_range=cfg.t_range, normalize=cfg.normalize, objective=objective)
     e0, c0 = before if before is not None else evaluate_points(pts0, refs, cfg.coverage_k)
     history = [(0, e0)]
     field_at = max(1, cfg.steps // 10)

@@ -5,7 +5,13 @@ plus plugins from the ``dmvae.priors`` entry-point group).
 """
 
 from dmvae.priors.analytic import GaussianMixturePrior, GaussianPrior
-from dmvae.priors.base import ENTRY_POINT_GROUP, ReferencePrior, create_prior, list_priors, register_prior
+from dmvae.priors.base import (
+    ENTRY_POINT_GROUP,
+    ReferencePrior,
+    create_prior,
+    list_priors,
+    register_prior,
+)
 from dmvae.priors.features import DiffusionNoisePrior, FeaturePrior, backbone_features
 from dmvae.priors.learned import LearnedPrior, fit_reference_model
 from dmvae.priors.samples import SamplesPrior, empirical_velocity

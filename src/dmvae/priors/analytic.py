@@ -19,8 +19,9 @@ from collections.abc import Sequence
 import torch
 
 from dmvae.priors.base import ReferencePrior, _expand, register_prior
+from dmvae.transport import gaussian_velocity
 
-__all__ = ["GaussianPrior", "GaussianMixturePrior"]
+__all__ = ["GaussianMixturePrior", "GaussianPrior"]
 
 
 def _as_param(value: float | torch.Tensor, shape: tuple[int, ...], name: str) -> torch.Tensor:
@@ -68,9 +69,7 @@ class GaussianPrior(ReferencePrior):
         self._check_labels(labels, x_t.shape[0])
         x = x_t.float()
         tt = _expand(t, x)  # (B, 1, ..)
-        mu, var = self.mean, self.std.square()
-        d = tt.square() * var + (1 - tt).square()
-        v = mu + (tt * var - (1 - tt)) * (x - tt * mu) / d  # Eq. (1)
+        v, _ = gaussian_velocity(x, tt, self.mean, self.std.square())  # Eq. (1)
         return v.to(x_t.dtype)
 
 
@@ -147,9 +146,8 @@ class GaussianMixturePrior(ReferencePrior):
         tt = t.float()[:, None, None]  # (B, 1, 1)
         mu = self.means.flatten(1)[None]  # (1, K, D)
         var = self.stds.square().flatten(1)[None]  # (1, K, D)
-        d = tt.square() * var + (1 - tt).square()  # (B, K, D)
+        v_k, d = gaussian_velocity(x, tt, mu, var)  # (B, K, D), Eq. (1) per component
         r = x - tt * mu  # (B, K, D)
-        v_k = mu + (tt * var - (1 - tt)) * r / d  # (B, K, D), Eq. (1) per component
         log_r = self.log_weights[None] - 0.5 * (r.square() / d + d.log()).sum(-1)  # (B, K)
         if labels is not None:
             pick = labels < self.num_components

@@ -33,21 +33,24 @@ import torch
 from torch import nn
 
 from dmvae._registry import Registry
-from dmvae.transport import check_time, data_from_velocity, score_from_velocity, velocity_from_data
+from dmvae.transport import (
+    MIN_ONE_MINUS_T,
+    batch_time,
+    data_from_velocity,
+    score_from_velocity,
+    velocity_from_data,
+)
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
     "PRIORS",
     "ReferencePrior",
-    "register_prior",
     "create_prior",
     "list_priors",
-    "ENTRY_POINT_GROUP",
+    "register_prior",
 ]
 
 ENTRY_POINT_GROUP = "dmvae.priors"
-
-# Smallest 1 - t used where a formula divides by it (only the score and empirical priors do).
-_MIN_ONE_MINUS_T = 1e-4
 
 
 class ReferencePrior(nn.Module, abc.ABC):
@@ -96,7 +99,7 @@ class ReferencePrior(nn.Module, abc.ABC):
                 f"{type(self).__name__} must implement velocity() or predict_x()"
             )
         x_t, t = self._check_xt(x_t, t)
-        return velocity_from_data(x_t, self.predict_x(x_t, t, labels), t, eps=_MIN_ONE_MINUS_T)
+        return velocity_from_data(x_t, self.predict_x(x_t, t, labels), t, eps=MIN_ONE_MINUS_T)
 
     def predict_x(
         self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None
@@ -114,7 +117,7 @@ class ReferencePrior(nn.Module, abc.ABC):
     ) -> torch.Tensor:
         """``grad log p_t(x_t) = (t v - x_t) / (1 - t)``; singular at t = 1 (clamped)."""
         x_t, t = self._check_xt(x_t, t)
-        return score_from_velocity(x_t, self.velocity(x_t, t, labels), t, eps=_MIN_ONE_MINUS_T)
+        return score_from_velocity(x_t, self.velocity(x_t, t, labels), t, eps=MIN_ONE_MINUS_T)
 
     def forward(
         self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None
@@ -139,12 +142,7 @@ class ReferencePrior(nn.Module, abc.ABC):
                 f"{type(self).__name__} expects x_t of shape (B, {', '.join(map(str, self.shape))}),"
                 f" got {tuple(x_t.shape)}"
             )
-        t = torch.as_tensor(t, device=x_t.device, dtype=torch.float32)
-        if t.ndim == 0:
-            t = t.expand(x_t.shape[0])
-        if t.shape != (x_t.shape[0],):
-            raise ValueError(f"t must be a scalar or of shape ({x_t.shape[0]},), got {tuple(t.shape)}")
-        return x_t, check_time(t)
+        return x_t, batch_time(t, x_t.shape[0], x_t.device).float()
 
     def _check_labels(self, labels: torch.Tensor | None, n: int) -> torch.Tensor | None:
         if labels is None:
@@ -170,7 +168,7 @@ def _expand(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------- registry
 P = TypeVar("P", bound=Callable[..., ReferencePrior])
 #: name (lower case) -> prior class or factory; built-ins, ``register_prior`` and entry points.
-PRIORS: Registry[Callable[..., ReferencePrior]] = Registry("prior", case_sensitive=False)
+PRIORS: Registry[Callable[..., ReferencePrior]] = Registry("prior")
 _ENTRY_POINTS_LOADED = False
 
 
@@ -195,7 +193,7 @@ def register_prior(name: str | Callable[..., ReferencePrior] | None = None, *, o
         key = name if name is not None else getattr(obj, "__name__", None)
         if not key:
             raise ValueError("register_prior needs a name for objects without __name__")
-        PRIORS.register(key, obj, override=override)
+        PRIORS.register(key.lower(), obj, override=override)
         return obj
 
     return deco
@@ -211,7 +209,7 @@ def _load_entry_points() -> None:
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name in PRIORS:
             continue  # built-ins and explicit registrations win
-        PRIORS.register(ep.name, _LazyEntryPoint(ep))
+        PRIORS.register(ep.name.lower(), _LazyEntryPoint(ep))
 
 
 class _LazyEntryPoint:
@@ -249,8 +247,8 @@ def list_priors() -> list[str]:
 def create_prior(name: str, **kwargs: Any) -> ReferencePrior:
     """Build a registered prior: ``create_prior("gaussian", shape=(32, 16, 16))``.
 
-    An unknown name raises ``KeyError``/``ValueError`` (:class:`dmvae._registry.UnknownNameError`)
-    listing the known ones; a name that is not a string raises ``TypeError``."""
+    An unknown name raises ``KeyError`` (:class:`dmvae._registry.UnknownNameError`) naming the
+    closest known name and listing them all; a name that is not a string raises ``TypeError``."""
     if not isinstance(name, str):
         raise TypeError(f"create_prior expects a prior name (str), e.g. 'gaussian'; got {type(name).__name__} {name!r}")
     _load_entry_points()

@@ -21,10 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from dmvae._utils import eval_mode
 from dmvae.priors.base import register_prior
 from dmvae.priors.samples import SamplesPrior
 
-__all__ = ["FeaturePrior", "DiffusionNoisePrior", "backbone_features"]
+__all__ = ["DiffusionNoisePrior", "FeaturePrior", "backbone_features"]
 
 
 def _iter_batches(data: Any, batch_size: int) -> Iterable[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -76,10 +77,6 @@ def _build_bank(
     device: torch.device | str | None,
     progress: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    mods = [m for m in modules if isinstance(m, nn.Module)]
-    saved = [(sub, sub.training) for m in mods for sub in m.modules()]
-    for m in mods:
-        m.eval()
     keep = None if classes is None else torch.as_tensor(list(classes)).long()
     feats, labels, n = [], [], 0
     it = _iter_batches(data, batch_size)
@@ -87,7 +84,7 @@ def _build_bank(
         from tqdm.auto import tqdm
 
         it = tqdm(it, desc="building prior bank", leave=False)
-    try:
+    with eval_mode(*modules):
         for x, y in it:
             if keep is not None:
                 if y is None:
@@ -105,9 +102,6 @@ def _build_bank(
             n += f.shape[0]
             if max_samples is not None and n >= max_samples:
                 break
-    finally:
-        for sub, flag in saved:
-            sub.training = flag
     if not feats:
         raise ValueError("no samples were collected (empty data or no sample of the requested classes)")
     bank = torch.cat(feats)[:max_samples]

@@ -20,7 +20,13 @@ import torch
 from torch import nn
 
 from dmvae.priors.base import ReferencePrior, register_prior
-from dmvae.transport import FlowMatching, guided_velocity, null_label, resolve_labels, sample_shape
+from dmvae.transport import (
+    FlowMatching,
+    guided_velocity,
+    null_label,
+    resolve_labels,
+    sample_shape,
+)
 
 __all__ = ["LearnedPrior", "fit_reference_model"]
 

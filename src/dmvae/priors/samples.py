@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from dmvae.priors.base import ReferencePrior, register_prior
+from dmvae.transport import gaussian_velocity
 
 __all__ = ["SamplesPrior", "empirical_velocity"]
 
@@ -45,7 +46,7 @@ def empirical_velocity(
     x = x_t.float().flatten(1)  # (B, D)
     tt = t.float().reshape(b, 1)  # (B, 1)
     h2 = float(bandwidth) ** 2
-    d = (tt.square() * h2 + (1 - tt).square()).clamp_min(1e-12)  # (B, 1) per-coordinate variance of x_t
+    d = (tt.square() * h2 + (1 - tt).square()).clamp_min(1e-12)  # (B, 1) per-coordinate variance of x_t (as gaussian_velocity)
     x_sq = x.square().sum(1, keepdim=True)  # (B, 1)
     run_max = torch.full((b, 1), float("-inf"), device=x.device)
     run_sum = torch.zeros((b, 1), device=x.device)
@@ -67,8 +68,8 @@ def empirical_velocity(
     if (run_sum <= 0).any():
         raise ValueError("empirical_velocity: a row has no allowed bank sample (empty class?)")
     mean_x = run_mean / run_sum  # (B, D) sum_i r_i x_i
-    # v = sum_i r_i [x_i + (t h^2 - (1 - t)) (x_t - t x_i) / d]
-    v = mean_x + (tt * h2 - (1 - tt)) * (x - tt * mean_x) / d
+    # v = sum_i r_i [x_i + (t h^2 - (1 - t)) (x_t - t x_i) / d]: the Gaussian posterior at the mean
+    v, _ = gaussian_velocity(x, tt, mean_x, h2)
     return v.reshape(x_t.shape)
 
 
