@@ -153,7 +153,8 @@ def curves_png(result: dict) -> bytes:
             x = np.array([p["steps"] for p in pts], dtype=float)
             y = np.array([max(p["mean"], 1e-6) for p in pts])
             sd = np.array([p["sd"] for p in pts])
-            (line,) = ax.plot(x, y, marker="o", label=f"{row['name']} (λ {row['dm_weight']:g})")
+            label = row["name"] if "λ" in row["name"] else f"{row['name']} (λ {row['dm_weight']:g})"
+            (line,) = ax.plot(x, y, marker="o", label=label)
             ax.fill_between(x, np.maximum(y - sd, 1e-6), y + sd, color=line.get_color(), alpha=0.15)
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -229,5 +230,6 @@ def _label_rows(grid: np.ndarray, names: list[str], width: int = 130) -> Image.I
     draw = ImageDraw.Draw(canvas)
     step = grid.shape[0] / len(names)
     for i, name in enumerate(names):
-        draw.text((4, int(i * step + step / 2) - 5), name, fill="black")
+        # PIL's built-in bitmap font has no Greek letters
+        draw.text((4, int(i * step + step / 2) - 5), name.replace("λ", "lambda"), fill="black")
     return canvas
