@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from dmvae.experiments.data import DataError
 from dmvae.experiments.settings import QUICK, ROW_KEYS, Table1Settings
 from dmvae.experiments.table1 import merge_results, run_table1
 from dmvae.experiments.table1_report import (
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         result = run_table1(settings, data=args.data, seeds=seeds, rows=rows, quiet=args.quiet,
                             on_seed=save_partial)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, DataError) as e:  # the data named by --data; anything else is a bug: traceback
         sys.exit(f"error: {e}")
     result["quick"] = args.quick
     paths = write_outputs(result, out, overwrite=args.overwrite)

@@ -36,6 +36,7 @@ __all__ = [
     "DEFAULT_ROOT",
     "FASHION_CLASSES",
     "DataBundle",
+    "DataError",
     "ImageSet",
     "find_fashion_mnist",
     "holdout_split",
@@ -54,6 +55,10 @@ FASHION_FILES = {
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                    "Bag", "Ankle boot"]
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+class DataError(ValueError):
+    """The data named by ``--data`` cannot be used (unreadable file, wrong layout, too few images)."""
 
 
 @dataclass
@@ -100,18 +105,18 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
         with opener(path, "rb") as f:
             raw = f.read()
     except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
-        raise ValueError(f"{path}: cannot read an IDX file ({e})") from None
+        raise DataError(f"{path}: cannot read an IDX file ({e})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path}: not an IDX file (expected 0x00 0x00 <type> <ndim> as the first bytes)")
+        raise DataError(f"{path}: not an IDX file (expected 0x00 0x00 <type> <ndim> as the first bytes)")
     ndim = raw[3]
     head = 4 + 4 * ndim
     if ndim == 0 or len(raw) < head:
-        raise ValueError(f"{path}: truncated IDX header ({ndim} dimensions)")
+        raise DataError(f"{path}: truncated IDX header ({ndim} dimensions)")
     shape = tuple(int(v) for v in np.frombuffer(raw, ">u4", count=ndim, offset=4))
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     need = int(np.prod(shape)) * dtype.itemsize
     if len(raw) - head != need:
-        raise ValueError(f"{path}: IDX header says shape {shape} ({need} bytes) but {len(raw) - head} bytes follow")
+        raise DataError(f"{path}: IDX header says shape {shape} ({need} bytes) but {len(raw) - head} bytes follow")
     return np.frombuffer(raw, dtype, offset=head).reshape(shape)
 
 
@@ -198,7 +203,7 @@ def _fashion(root: str | None, image_size: int, train_per_class: int, held_per_c
     for part in ("train", "test"):
         n_img, n_lab = arrays[f"{part}_images"].shape[0], arrays[f"{part}_labels"].shape[0]
         if arrays[f"{part}_images"].ndim != 3 or n_img != n_lab:
-            raise ValueError(f"Fashion-MNIST {part} files disagree: images {arrays[f'{part}_images'].shape}, "
+            raise DataError(f"Fashion-MNIST {part} files disagree: images {arrays[f'{part}_images'].shape}, "
                              f"labels {arrays[f'{part}_labels'].shape}")
     source = f"Fashion-MNIST ({files['train_images'].parent})"
     pre = ImageSet(_to_images(arrays["train_images"], image_size),
@@ -242,13 +247,13 @@ def _folder(root: str | os.PathLike[str], image_size: int) -> ImageSet:
     files = list_images(root)
     found = folder_class_labels(root, files)
     if found is None:
-        raise ValueError(
+        raise DataError(
             f"{root} has images directly in it; expected one sub-folder per class "
             "(DIR/<class>/<image>), as in ImageNet's train/<wnid>/ layout"
         )
     labels, classes = found
     if len(classes) < 2:
-        raise ValueError(f"{root} holds a single class folder ({classes[0]!r}); need at least 2 classes")
+        raise DataError(f"{root} holds a single class folder ({classes[0]!r}); need at least 2 classes")
     arr = np.stack([center_crop_adm(load_image(f), image_size) for f in files])  # (N, S, S, 3) uint8
     x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return ImageSet(x.contiguous(), torch.tensor(labels, dtype=torch.int64), classes, str(root))
@@ -276,7 +281,7 @@ def holdout_split(labels: Tensor, fraction: float, seed: int = 0) -> tuple[Tenso
     for c in torch.unique(labels).tolist():
         idx = torch.nonzero(labels == c).flatten()
         if idx.numel() < 2:
-            raise ValueError(f"class {c} has {idx.numel()} image(s); a held-out split needs at least 2 per class")
+            raise DataError(f"class {c} has {idx.numel()} image(s); a held-out split needs at least 2 per class")
         idx = idx[torch.randperm(idx.numel(), generator=g)]
         k = min(max(1, round(fraction * idx.numel())), idx.numel() - 1)
         held.append(idx[:k])
