@@ -21,8 +21,19 @@ import pytest
 import torch
 from PIL import Image
 
-from dmvae.files import MARKER_NAME, OutputReplaceError, replace_output_dir, replace_refusal, write_marker
-from dmvae.latent_cache import LatentDataset, cache_latents, read_cache_info, verify_shard
+from dmvae.files import (
+    MARKER_NAME,
+    OutputReplaceError,
+    replace_output_dir,
+    replace_refusal,
+    write_marker,
+)
+from dmvae.latent_cache import (
+    LatentDataset,
+    cache_latents,
+    read_cache_info,
+    verify_shard,
+)
 from dmvae.training.data import ImageFolder, SkimagePhotos, center_crop_transform
 
 SIZE = 32
@@ -242,7 +253,7 @@ def test_resume_over_other_input_files_is_refused_naming_them(vae, tmp_path: Pat
 
     with pytest.raises(KeyboardInterrupt):
         _cache(vae, data, out, on_shard=stop)  # a partial cache: shard 0 only
-    first = sorted(data.rglob("*.png"))[0]
+    first = min(data.rglob("*.png"))
     if change == "renamed":
         first.rename(first.with_name("zz.png"))
     elif change == "replaced":  # same name, other image (another size on disk)
