@@ -82,8 +82,10 @@ class HealthThresholds:
             fake is said to over-fit (test setting of docs/training.md: +0.02 for a healthy fake,
             +0.18 for one at lr 1e-2 on 4 training images).
         floor_rms: floor (``dm_floor_rms``) above which the fake has drifted from the teacher, in
-            units of the teacher's own denoising error (E1); a genuine mismatch is of order 1.
-            With ``mismatch_rms`` given, ``floor_rel`` is used instead.
+            units of the teacher's own denoising error (E1). For a unit-Gaussian teacher a fake off
+            by a mean shift of d stds gives ~0.8 d, one off by 20 % in std 0.16: 0.2 is a fake
+            about a quarter of a std wrong. With ``mismatch_rms`` given, ``floor_rel`` is used
+            instead.
         floor_rel: floor / genuine-mismatch update above which the fake has drifted (the issue's
             gate: 20 %).
         floor_ratio: the floor warning also needs floor / ``dm_grad_rms`` above this: when the
@@ -331,7 +333,7 @@ class DMHealth:
         out[p + "latent_mean"], out[p + "latent_std"] = mean, std
         out[p + "latent_mean_drift"] = (mean - mean1) / std1
         out[p + "latent_std_ratio"] = std / std1
-        if self.reference is not None and self.reference.shape[1:] == cur.shape[1:]:
+        if self.reference is not None and self.reference[0].numel() == cur[0].numel():
             out[p + "energy_distance"] = energy_distance(cur, self.reference)
             if self._ed_stage1 is None and self._stage1_latents is not None:
                 self._ed_stage1 = energy_distance(self._stage1_latents, self.reference)
