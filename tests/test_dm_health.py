@@ -145,7 +145,8 @@ def test_overfit_gap_grows_when_the_fake_memorises_few_latents():
 
 
 def test_warning_rules():
-    health = DMHealth(DistributionMatchingLoss(GaussianPrior((2,)), GaussianPrior((2,))), fake_matches_teacher=True)
+    dm = DistributionMatchingLoss(GaussianPrior((2,)), GaussianPrior((2,)))
+    health = DMHealth(dm, fake_matches_teacher=True)
     ok = {"health/fake_loss_heldout": 1.0, "health/fake_loss_train": 0.9, "health/fake_overfit_gap": 0.11,
           "health/fake_overfit_gap_stage1": 0.05, "health/dm_grad_rms": 0.5, "health/dm_floor_rms": 0.3,
           "health/dm_floor_ratio": 0.3, "health/latent_std_ratio": 1.05, "health/latent_mean_drift": -0.05}
@@ -155,7 +156,7 @@ def test_warning_rules():
     assert len(health.warnings(share)) == 1
     relative = {**share, "health/dm_floor_rel": 0.1}  # measured against a genuine mismatch: below 20 %
     assert health.warnings(relative) == []
-    strict = DMHealth(health._source, fake_matches_teacher=True, thresholds=HealthThresholds(std_drift=0.01))
+    strict = DMHealth(dm, fake_matches_teacher=True, thresholds=HealthThresholds(std_drift=0.01))
     assert [w for w in strict.warnings(ok) if "std" in w]
 
 
