@@ -37,6 +37,8 @@ from typing import Any, Literal
 import torch
 
 from dmvae._utils import eval_mode
+from dmvae.checks import check_int
+from dmvae.files import require_file
 from dmvae.image import (
     IMAGE_EXTENSIONS,
     ImageFolderDataset,
@@ -202,8 +204,7 @@ def evaluate_reconstruction(
             if num_images > n_all:
                 raise ValueError(f"asked for {num_images} images but the dataset holds only {n_all}")
             dataset = torch.utils.data.Subset(dataset, [i * n_all // num_images for i in range(num_images)])
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = check_int("batch_size", batch_size, 1)
     if device is None:
         params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
         device = params[0].device if params else torch.device("cpu")
@@ -373,9 +374,7 @@ def evaluate_generation(
     sample_paths = [Path(samples)] if isinstance(samples, (str, os.PathLike)) else [Path(s) for s in samples]
     if not sample_paths:
         raise ValueError("no sample files given")
-    reference = Path(reference)
-    if not reference.is_file():
-        raise FileNotFoundError(f"reference file not found: {reference}")
+    reference = require_file(reference, "reference file")
     ref_keys = _npz_keys(reference)
     has_stats = {"mu", "sigma"} <= ref_keys
     ref_stats = load_reference_stats(reference) if has_stats else None  # validated shapes
@@ -393,28 +392,14 @@ def evaluate_generation(
     extractor = _default_extractor(feature_extractor, inception_weights, device)
     want_pr = precision_recall_k is not None and has_images
 
-    fake_stats, fake_pool, fake_logits, n = _extract_npz(
-        sample_paths,
-        extractor,
-        batch_size,
-        device,
-        keep_pool=want_pr,
-        keep_logits=True,
-        progress=progress,
-        desc="samples",
-    )
+    def extract(paths: Sequence[Path], desc: str, keep_logits: bool):
+        return _extract_npz(paths, extractor, batch_size, device, keep_pool=want_pr, keep_logits=keep_logits,
+                            progress=progress, desc=desc)
+
+    fake_stats, fake_pool, fake_logits, n = extract(sample_paths, "samples", keep_logits=True)
     real_pool, n_ref = None, None
     if has_images and (want_pr or ref_stats is None):
-        real_stats, real_pool, _, n_ref = _extract_npz(
-            [reference],
-            extractor,
-            batch_size,
-            device,
-            keep_pool=want_pr,
-            keep_logits=False,
-            progress=progress,
-            desc="reference",
-        )
+        real_stats, real_pool, _, n_ref = extract([reference], "reference", keep_logits=False)
         if ref_stats is None:
             ref_stats = real_stats.compute()
     assert ref_stats is not None
@@ -470,14 +455,6 @@ def compute_npz_stats(
     path_list = [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(p) for p in paths]
     device = torch.device(device)
     extractor = _default_extractor(feature_extractor, inception_weights, device)
-    stats, _, _, _ = _extract_npz(
-        path_list,
-        extractor,
-        batch_size,
-        device,
-        keep_pool=False,
-        keep_logits=False,
-        progress=progress,
-        desc="stats",
-    )
+    stats, _, _, _ = _extract_npz(path_list, extractor, batch_size, device, keep_pool=False, keep_logits=False,
+                                  progress=progress, desc="stats")
     return stats.compute()

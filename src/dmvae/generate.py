@@ -265,12 +265,9 @@ def generate_npz(
             raise ValueError(f"{bad!r} is chosen by generate_npz and cannot be passed")
     _check_sampler_knobs(sampler_kwargs)  # before any file is written
     num_per_class = check_int("num_per_class", num_per_class, 1)
-    rank = get_rank() if rank is None else int(rank)
-    world_size = get_world_size() if world_size is None else int(world_size)
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    world_size = check_int("world_size", get_world_size() if world_size is None else world_size, 1)
+    rank = check_int("rank", get_rank() if rank is None else rank, 0, world_size - 1)
+    batch_size = check_int("batch_size", batch_size, 1)
     out_path = Path(out_path)
     if not overwrite and out_path.exists():
         raise FileExistsError(f"{out_path} exists; pass overwrite=True (CLI: --overwrite) to replace it")

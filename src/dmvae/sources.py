@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dmvae.files import PathLike
+from dmvae.files import PathLike, require_file
 
 __all__ = ["Location", "hub_status", "locate", "parse_hf_uri", "resolve_file", "resolve_hub_file"]
 
@@ -219,11 +219,7 @@ def resolve_file(source: PathLike, *, what: str = "file", **hub_kwargs: Any) -> 
     local path here); errors name ``what``. ``hub_kwargs`` go to :func:`locate`."""
     src = os.fspath(source)
     if parse_hf_uri(src) is None:
-        path = Path(src).expanduser()
-        if not path.is_file():
-            where = "a directory, expected a file" if path.is_dir() else "no such file"
-            raise FileNotFoundError(f"{what} not found: {path} ({where})")
-        return path
+        return require_file(src, what)
     loc = locate(src, **hub_kwargs)
     if loc.filename is None:
         raise FileNotFoundError(f"{what} {src!r}: name a file inside the repo, 'hf://owner/name/path/in/repo'")
