@@ -47,6 +47,7 @@ __all__ = [
     "read_torch_checkpoint",
     "replace_output_dir",
     "replace_refusal",
+    "require_file",
     "write_marker",
 ]
 
@@ -169,10 +170,11 @@ def atomic_save_safetensors(
 # --------------------------------------------------------------------------------------------
 
 
-def _require_file(path: PathLike, what: str) -> Path:
+def require_file(path: PathLike, what: str) -> Path:
+    """``path`` as a ``Path`` if it is an existing file; else ``FileNotFoundError`` naming ``what``."""
     path = Path(path).expanduser()
     if not path.is_file():
-        where = "a directory" if path.is_dir() else "missing"
+        where = "a directory, expected a file" if path.is_dir() else "no such file"
         raise FileNotFoundError(f"{what} not found: {path} ({where})")
     return path
 
@@ -182,7 +184,7 @@ def read_safetensors(path: PathLike, device: str = "cpu") -> dict[str, torch.Ten
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = _require_file(path, "weights file")
+    path = require_file(path, "weights file")
     try:
         return load_file(str(path), device=device)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -198,7 +200,7 @@ def read_safetensors_header(path: PathLike) -> tuple[dict[str, dict[str, Any]], 
     header's plus the data it lists (a truncated or padded file raises :class:`CheckpointError`)."""
     import struct
 
-    path = _require_file(path, "safetensors file")
+    path = require_file(path, "safetensors file")
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
@@ -248,7 +250,7 @@ def pickle_error_types() -> tuple[type[BaseException], ...]:
 
 def read_torch_checkpoint(path: PathLike) -> Any:
     """Read a ``.pt`` / ``.pth`` file with ``weights_only=True`` (never executes pickled code)."""
-    path = _require_file(path, "checkpoint file")
+    path = require_file(path, "checkpoint file")
     try:
         # mmap avoids holding a second copy of multi-GB release files (zip format only)
         if zipfile.is_zipfile(path):
@@ -285,7 +287,7 @@ _KEY_RE = re.compile(r'"((?:[^"\\]|\\.)*)"\s*:')
 def read_json(path: PathLike, what: str = "JSON file") -> Any:
     """Parse a JSON file. Errors name the file, the line/column and the last field opened before
     the error (``"depth"`` in ``{"depth": 2,,}``)."""
-    path = _require_file(path, what)
+    path = require_file(path, what)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

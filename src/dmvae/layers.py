@@ -27,6 +27,7 @@ from torch import nn
 
 __all__ = [
     "Attention",
+    "FrozenModule",
     "LabelEmbedder",
     "Mlp",
     "PatchEmbed",
@@ -38,6 +39,24 @@ __all__ = [
     "sincos_pos_embed_2d",
     "timestep_embedding",
 ]
+
+
+# ------------------------------------------------------------------------------------------------
+# fixed networks
+# ------------------------------------------------------------------------------------------------
+
+
+class FrozenModule(nn.Module):
+    """A fixed network (a metric such as LPIPS or the FID Inception): ``__init__`` ends with
+    :meth:`freeze`; from then on nothing requires grad and the module stays in eval mode, whatever
+    ``train()`` a parent module calls (BatchNorm never switches to batch statistics)."""
+
+    def freeze(self) -> None:
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> FrozenModule:
+        return super().train(False)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -54,6 +54,8 @@ from typing import Union
 import torch
 from torch import Tensor, nn
 
+from dmvae.layers import FrozenModule
+
 __all__ = ["LPIPS", "LPIPSWeightsError", "convert_lpips_state_dict", "VGG_LPIPS_CHANNELS"]
 
 # VGG16 conv layout: channels per conv, "M" = 2x2 max-pool (torchvision `cfgs["D"]`).
@@ -180,7 +182,7 @@ def _lpips_wheel_heads_file() -> Path | None:
     return path if path.is_file() else None
 
 
-class LPIPS(nn.Module):
+class LPIPS(FrozenModule):
     """LPIPS-VGG distance; frozen, ``forward(x, y) -> (B,)`` for images in [-1, 1].
 
     Args:
@@ -225,12 +227,7 @@ class LPIPS(nn.Module):
                 for k in range(len(VGG_LPIPS_CHANNELS)):
                     w = getattr(self, f"lin{k}").model[1].weight
                     w.copy_(torch.rand_like(w) / w.shape[1])
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> LPIPS:
-        # Always a frozen metric: ignore train() from a parent module.
-        return super().train(False)
+        self.freeze()  # a metric: ignores train() from a parent module
 
     # ------------------------------------------------------------------ weights
     def _load_weights(self, weights: WeightsSource | Sequence[WeightsSource] | None) -> None:

@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from dmvae.files import atomic_write, atomic_write_bytes, atomic_write_text
+from dmvae.checks import check_int
+from dmvae.files import atomic_write, atomic_write_bytes, atomic_write_text, require_file
 
 __all__ = [
     "IncompleteShardsError",
@@ -119,8 +120,7 @@ def save_npz_images(
 @contextlib.contextmanager
 def _open_npz_member(path: Path, key: str) -> Iterator[tuple[Any, tuple[int, ...], np.dtype]]:
     """Open ``key`` of an ``.npz`` as a stream positioned at the array data: (file, shape, dtype)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"npz file not found: {path}")
+    require_file(path, "npz file")
     try:
         zf = zipfile.ZipFile(path)
     except zipfile.BadZipFile as e:
@@ -159,8 +159,7 @@ def iter_npz_images(
     """Stream the images of an ADM ``.npz`` in chunks of (<= batch_size, H, W, 3) uint8, reading the
     file sequentially (50k 256x256 images are 9.8 GB; they never sit in memory at once)."""
     path = Path(path)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = check_int("batch_size", batch_size, 1)
     with _open_npz_member(path, key) as (f, shape, dtype):
         check_nhwc_uint8(shape, dtype, f"{path}:{key}")
         per_image = int(np.prod(shape[1:]))

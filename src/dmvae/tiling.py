@@ -22,6 +22,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from dmvae.checks import check_int
+
 __all__ = ["tile_starts", "tiled_decode"]
 
 
@@ -73,8 +75,7 @@ def tiled_decode(
     """
     if not 0 <= overlap < tile:
         raise ValueError(f"overlap must be in [0, tile), got overlap={overlap}, tile={tile}")
-    if context < 0:
-        raise ValueError(f"context must be >= 0, got {context}")
+    context = check_int("context", context, 0)
     b, _, h, w = latents.shape
     if h <= tile and w <= tile:
         return decode(latents)

@@ -9,6 +9,7 @@ distribution distances between sample sets.
 LPIPS lives in :mod:`dmvae.lpips` (class ``LPIPS``). Protocols: ``docs/evaluation.md``.
 """
 
+from dmvae.metrics import distribution, fid, image
 from dmvae.metrics.distribution import (
     coverage,
     energy_distance,
@@ -30,24 +31,5 @@ from dmvae.metrics.fid import (
 from dmvae.metrics.image import psnr, ssim, to_uint8, uint8_to_float
 from dmvae.metrics.precision_recall import precision_recall
 
-__all__ = [
-    "FIDStats",
-    "InceptionV3Features",
-    "InceptionWeightsError",
-    "StreamingStats",
-    "coverage",
-    "energy_distance",
-    "find_inception_weights",
-    "frechet_distance",
-    "inception_score",
-    "load_reference_stats",
-    "median_bandwidth",
-    "precision_recall",
-    "psnr",
-    "rbf_mmd",
-    "save_reference_stats",
-    "sliced_wasserstein",
-    "ssim",
-    "to_uint8",
-    "uint8_to_float",
-]
+# Each submodule's __all__ is the one list of its public names.
+__all__ = sorted({*distribution.__all__, *fid.__all__, *image.__all__, "precision_recall"})

@@ -181,13 +181,7 @@ def sliced_wasserstein(
     return (total / num_projections) ** (1.0 / p)
 
 
-def coverage(
-    reference: torch.Tensor,
-    samples: torch.Tensor,
-    *,
-    k: int = 5,
-    block_size: int = 2048,
-) -> float:
+def coverage(reference: torch.Tensor, samples: torch.Tensor, *, k: int = 5, block_size: int = 2048) -> float:
     """k-NN coverage (Naeem et al., 2020, "Reliable fidelity and diversity metrics").
 
     The fraction of reference samples whose k-NN ball (radius = distance to their k-th nearest

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from dmvae.files import require_file
+from dmvae.layers import FrozenModule
 from dmvae.metrics.image import to_uint8
 
 __all__ = [
@@ -172,9 +174,7 @@ def load_reference_stats(path: str | os.PathLike[str]) -> FIDStats:
     decompressed) and MAR/DMVAE's ``adm_in256_stats.npz`` (keys ``mu``, ``sigma``). Nothing is
     unpickled. Raises ``KeyError`` listing the keys found when ``mu``/``sigma`` are absent.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"reference statistics file not found: {path}")
+    path = require_file(path, "reference statistics file")
     try:
         with np.load(path, allow_pickle=False) as f:
             keys = sorted(f.files)
@@ -422,7 +422,7 @@ def _build_fidelity_inception(state_dict: Any, source: str) -> nn.Module:
             tfi.load_state_dict_from_url = original
 
 
-class InceptionV3Features(nn.Module):
+class InceptionV3Features(FrozenModule):
     """The FID Inception-v3 (TF ``2015-12-05`` graph, torch-fidelity port), frozen and in eval mode.
 
     ``forward(images) -> {"pool": (N, 2048), "logits": (N, 1008)}`` (float32). ``images`` are
@@ -461,12 +461,7 @@ class InceptionV3Features(nn.Module):
             sd = read_state_dict_file(path)
         self.net = _build_fidelity_inception(sd, source)
         self.weights_source = source
-        self.requires_grad_(False)
-        self.eval()
-
-    def train(self, mode: bool = True) -> InceptionV3Features:
-        # A frozen metric network: BatchNorm must never switch to batch statistics.
-        return super().train(False)
+        self.freeze()
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -78,12 +78,7 @@ def _prepare_pair(
     return (x.double() + 1) / 2, (y.double() + 1) / 2, 1.0
 
 
-def psnr(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    clamp: bool = True,
-) -> torch.Tensor:
+def psnr(x: torch.Tensor, y: torch.Tensor, *, clamp: bool = True) -> torch.Tensor:
     """Peak signal-to-noise ratio per image, ``10 log10(R^2 / MSE)`` in dB, as float64 of shape (B,).
 
     Args:
@@ -107,12 +102,7 @@ def _gaussian_kernel1d(sigma: float, truncate: float, device: torch.device) -> t
     return k / k.sum()
 
 
-def ssim(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    clamp: bool = True,
-) -> torch.Tensor:
+def ssim(x: torch.Tensor, y: torch.Tensor, *, clamp: bool = True) -> torch.Tensor:
     """Structural similarity per image (Gaussian window, sigma 1.5), float64 of shape (B,).
 
     Same input conventions as :func:`psnr`. Equals ``skimage.metrics.structural_similarity`` with
