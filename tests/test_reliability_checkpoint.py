@@ -82,7 +82,7 @@ def test_a_crash_at_every_step_of_a_prune_leaves_only_loadable_steps(tmp_path: P
         shutil.copytree(base, d)
         calls = {"n": 0}
 
-        def crash(stage: str, k=k) -> None:
+        def crash(stage: str, k: int = k, calls: dict = calls) -> None:
             if calls["n"] == k:
                 raise _Killed(stage)
             calls["n"] += 1
