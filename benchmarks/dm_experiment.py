@@ -41,15 +41,16 @@ import train_tokenizer  # noqa: E402
 from dmvae.autoencoder import DMVAE  # noqa: E402
 from dmvae.metrics import energy_distance  # noqa: E402
 from dmvae.priors import create_prior  # noqa: E402
-from dmvae.training import TrainImages  # noqa: E402
+from dmvae.training import TrainLoader, build_dataset, to_model_input, train_transform  # noqa: E402
 
 
 @torch.no_grad()
-def evaluate(vae_dir: Path, prior_name: str, data: TrainImages, n_batches: int, batch: int) -> dict:
+def evaluate(vae_dir: Path, prior_name: str, data: object, n_batches: int, batch: int) -> dict:
     vae = DMVAE.from_pretrained(vae_dir).eval()
     lats, psnrs = [], []
-    for k in range(n_batches):
-        x, _ = data.batch(10**8 + k, batch)  # held-out crops: step ids never used in training
+    loader = TrainLoader(data, batch, seed=10**8)  # held-out crops: a seed training never uses
+    for _ in range(n_batches):
+        x = to_model_input(next(loader)[0])
         z = vae.encode(x)  # (B, z, h, w), normalised with the config's (stage-1) statistics
         x_hat = vae.decode(z).clamp(-1, 1)
         mse = ((x_hat - x) / 2).pow(2).flatten(1).mean(1)  # on [0, 1]
@@ -106,7 +107,7 @@ def main() -> None:
             ])
         runs[name] = d / "vae"
 
-    data = TrainImages("skimage", DMVAE.from_pretrained(s1 / "vae_ema").config.image_size, seed=args.seed + 1)
+    data = build_dataset("skimage", train_transform(DMVAE.from_pretrained(s1 / "vae_ema").config.image_size))
     results = {"stage1": evaluate(s1 / "vae_ema", args.prior, data, args.eval_batches, 16)}
     for name, d in runs.items():
         results[name] = evaluate(d, args.prior, data, args.eval_batches, 16)

@@ -8,8 +8,7 @@ Sections (``--sections``, default all but ``gpu`` on CPU-only machines):
 
 * ``data``: images/s of the input pipeline alone on a generated folder of ``--num-images`` JPEGs at
   ImageNet-like size (500x375, cut from the scikit-image photos), with the reference train transform
-  at ``--image-size``: the legacy synchronous ``TrainImages.batch`` path, and the DataLoader path
-  (``TrainLoader``) with 0, 1 and 2 workers. Ratios against the legacy path.
+  at ``--image-size``, through the DataLoader path (``TrainLoader``) with 0, 1 and 2 workers.
 * ``stages``: steps/s of each stage example (tiny CPU config, 32 px crops of the bundled photos) in
   one process and under ``torchrun --nproc_per_node=2`` (gloo; per-process batch unchanged, so the
   2-process run handles twice the samples per step): ``samples_per_s`` and the scaling ratio.
@@ -74,19 +73,12 @@ def make_jpeg_folder(folder: Path, n: int) -> Path:
 
 
 def bench_data(args: argparse.Namespace, work: Path) -> dict:
-    from dmvae.training.data import ImageFolder, TrainImages, train_transform
+    from dmvae.training.data import ImageFolder, train_transform
     from dmvae.training.sampler import TrainLoader
 
     folder = make_jpeg_folder(work / "jpegs", args.num_images)
     b, n_batches = args.data_batch, args.data_batches
     res: dict = {"num_images": args.num_images, "image_size": args.image_size, "batch": b, "batches": n_batches}
-
-    legacy = TrainImages(folder, args.image_size)
-    legacy.batch(0, b)  # warm-up
-    t = time.perf_counter()
-    for step in range(1, n_batches + 1):
-        legacy.batch(step, b)
-    res["legacy_TrainImages_images_per_s"] = n_batches * b / (time.perf_counter() - t)
 
     dataset = ImageFolder(folder, train_transform(args.image_size))
     for workers in (0, 1, 2):
@@ -97,7 +89,6 @@ def bench_data(args: argparse.Namespace, work: Path) -> dict:
             next(loader)
         rate = n_batches * b / (time.perf_counter() - t)
         res[f"dataloader_{workers}_workers_images_per_s"] = rate
-        res[f"dataloader_{workers}_workers_vs_legacy"] = rate / res["legacy_TrainImages_images_per_s"]
         del loader
     return res
 

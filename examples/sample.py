@@ -22,7 +22,8 @@ from PIL import Image
 
 from dmvae.autoencoder import DMVAE, DMVAEConfig
 from dmvae.dit import LatentDiT, LatentDiTConfig
-from dmvae.generate import generate_npz, to_uint8
+from dmvae.generate import generate_npz
+from dmvae.image import to_uint8_numpy
 from dmvae.samplers import sample
 from dmvae.transport import FlowMatching
 
@@ -79,7 +80,7 @@ def main() -> None:
     for name, kw in runs.items():
         z = sample(dit, noise, classes, **kw)
         with torch.no_grad():
-            images = to_uint8(vae.decode(z, normalize=True))  # (4, 64, 64, 3) uint8
+            images = to_uint8_numpy(vae.decode(z, normalize=True))  # (4, 64, 64, 3) uint8
         Image.fromarray(np.concatenate(list(images), axis=1)).save(out / f"{name}.png")
         print(f"{name:22s} latents std {z.std():.3f} -> {out / (name + '.png')}")
 

@@ -54,7 +54,7 @@ def test_info_unknown_source_names_the_known_presets(capsys) -> None:
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, fixtures_dir: Path) -> Path:
     out = tmp_path_factory.mktemp("conv") / "tiny"
-    assert main(["convert", str(fixtures_dir / "vae" / "vae.pt"), str(out), "--preset", "dmvae-tiny", "--ema"]) == 0
+    assert main(["convert", str(fixtures_dir / "vae" / "vae.pt"), str(out), "--config", "dmvae-tiny", "--ema"]) == 0
     return out
 
 
@@ -71,7 +71,7 @@ def test_convert_writes_our_format_with_the_chosen_weights(converted: Path, fixt
 
 def test_convert_rejects_files_that_are_not_reference_checkpoints(tmp_path: Path, capsys) -> None:
     torch.save({"weights": torch.zeros(1)}, tmp_path / "x.pt")
-    assert run_cli("convert", str(tmp_path / "x.pt"), str(tmp_path / "o"), "--preset", "dmvae-tiny") == 1
+    assert run_cli("convert", str(tmp_path / "x.pt"), str(tmp_path / "o"), "--config", "dmvae-tiny") == 1
     assert "vae_wo_ddp" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 

@@ -11,7 +11,7 @@ from PIL import Image
 from skimage import data as skdata
 
 from dmvae.cli import main
-from dmvae.evaluation import save_npz_images
+from dmvae.npz import save_npz_images
 from dmvae.metrics import InceptionV3Features
 
 
@@ -77,7 +77,7 @@ def test_eval_gen_json(tmp_path, photos, inception_file, capsys):
             "1",
             "--device",
             "cpu",
-            "--no-progress",
+            "--quiet",
             "--json",
             str(out),
         ]
@@ -115,7 +115,7 @@ def test_eval_recon_dmvae_json_to_stdout(tmp_path, image_dir, inception_file, ca
             str(inception_file),
             "--device",
             "cpu",
-            "--no-progress",
+            "--quiet",
             "--json",
             "-",
         ]
@@ -131,7 +131,7 @@ def test_missing_inception_weights_is_a_clear_error(tmp_path, image_dir, monkeyp
     monkeypatch.delenv("DMVAE_INCEPTION_WEIGHTS", raising=False)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     rc = main(
-        ["eval-recon", "--model", "identity", "--data", str(image_dir), "--device", "cpu", "--no-progress"]
+        ["eval-recon", "--model", "identity", "--data", str(image_dir), "--device", "cpu", "--quiet"]
     )
     assert rc == 1
     err = capsys.readouterr().err
@@ -147,7 +147,7 @@ def test_eval_gen_bad_reference(tmp_path, capsys):
             str(tmp_path / "s.npz"),
             "--ref",
             str(tmp_path / "ref.npz"),
-            "--no-progress",
+            "--quiet",
             "--device",
             "cpu",
         ]

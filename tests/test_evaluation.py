@@ -12,20 +12,10 @@ from skimage import data as skdata
 from skimage.metrics import peak_signal_noise_ratio as sk_psnr
 from skimage.metrics import structural_similarity as sk_ssim
 
-from dmvae.evaluation import (
-    ImageFolderDataset,
-    center_crop_adm,
-    compute_npz_stats,
-    evaluate_generation,
-    evaluate_reconstruction,
-    iter_npz_images,
-    list_images,
-    load_npz_images,
-    npz_image_shape,
-    precision_recall,
-    resize_center_crop,
-    save_npz_images,
-)
+from dmvae.evaluation import compute_npz_stats, evaluate_generation, evaluate_reconstruction
+from dmvae.image import ImageFolderDataset, center_crop_adm, list_images, resize_center_crop
+from dmvae.metrics.precision_recall import precision_recall
+from dmvae.npz import iter_npz_images, load_npz_images, npz_image_shape, save_npz_images
 from dmvae.metrics import StreamingStats, frechet_distance, inception_score, to_uint8
 
 SIZE = 64

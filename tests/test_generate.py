@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from dmvae.dit import LatentDiT, LatentDiTConfig
-from dmvae.generate import balanced_labels, generate_npz, to_uint8
+from dmvae.generate import balanced_labels, generate_npz
+from dmvae.image import to_uint8_numpy as to_uint8
 
 SAMPLER = dict(num_steps=3, method="euler")
 
@@ -145,7 +146,7 @@ def test_cli_sample_grid(tmp_path, cli_models, capsys):
     from dmvae.cli import main
 
     out = tmp_path / "grid.png"
-    rc = main(["sample", "--dit", str(cli_models), "--vae", "unused", "--classes", "0", "2", "1",
+    rc = main(["sample", "--dit", str(cli_models), "--model", "unused", "--classes", "0", "2", "1",
                "--cfg", "2.0", "--steps", "2", "--seed", "1", "-o", str(out), "--device", "cpu",
                "--json"])
     assert rc == 0
@@ -159,10 +160,10 @@ def test_cli_sample_npz(tmp_path, cli_models):
     from dmvae.cli import main
 
     out = tmp_path / "s.npz"
-    rc = main(["sample", "--dit", str(cli_models), "--vae", "unused", "--num-per-class", "2",
-               "--npz", str(out), "--steps", "2", "--method", "heun", "--batch-size", "4",
+    rc = main(["sample", "--dit", str(cli_models), "--model", "unused", "--num-per-class", "2",
+               "-o", str(out), "--steps", "2", "--method", "heun", "--batch-size", "4",
                "--device", "cpu"])
     assert rc == 0
     with np.load(out) as f:
         assert f["arr_0"].shape == (6, 8, 8, 3) and np.bincount(f["arr_1"]).tolist() == [2, 2, 2]
-    assert main(["sample", "--dit", str(cli_models), "--vae", "x", "--steps", "2"]) == 1
+    assert main(["sample", "--dit", str(cli_models), "--model", "x", "--steps", "2"]) == 1

@@ -158,13 +158,12 @@ def test_make_grid_and_save_image_grid(tmp_path: Path) -> None:
 
 
 def test_one_float_to_uint8() -> None:
-    from dmvae import generate
     from dmvae.image import to_uint8
     from dmvae.metrics import image as metric_image
 
     assert metric_image.to_uint8 is to_uint8  # one implementation
     x = torch.tensor([-2.0, -1.0, -0.5, 0.0, 0.999, 1.0, 3.0]).view(1, 1, 1, 7).expand(1, 3, 1, 7)
     assert to_uint8(x)[0, 0, 0].tolist() == [0, 0, 64, 128, 255, 255, 255]
-    assert np.array_equal(generate.to_uint8(x), to_uint8_numpy(x))
+    assert np.array_equal(to_uint8(x).permute(0, 2, 3, 1).numpy(), to_uint8_numpy(x))
     with pytest.raises(ValueError, match="NaN"):
         to_uint8(torch.full((1, 3, 2, 2), float("nan")))

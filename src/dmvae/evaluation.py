@@ -19,8 +19,8 @@ Every evaluator takes a ``feature_extractor``: any callable mapping uint8 images
 (N, 3, H, W) to features (N, D), or to ``{"pool": (N, D), "logits": (N, K)}``. The default is the
 FID Inception-v3 (:class:`dmvae.metrics.fid.InceptionV3Features`); tests pass tiny stand-ins.
 
-The pieces live in their own homes and are re-exported here for compatibility: image folders and
-crops in :mod:`dmvae.image`, ADM ``.npz`` I/O in :mod:`dmvae.npz`, precision/recall in
+The pieces live in their own homes and are imported from there: image folders and crops in
+:mod:`dmvae.image`, ADM ``.npz`` I/O in :mod:`dmvae.npz`, precision/recall in
 :mod:`dmvae.metrics.precision_recall`, the latent statistics in :mod:`dmvae.latent_stats`.
 """
 
@@ -39,14 +39,7 @@ import torch
 from dmvae._utils import eval_mode
 from dmvae.checks import check_int
 from dmvae.files import require_file
-from dmvae.image import (
-    IMAGE_EXTENSIONS,
-    ImageFolderDataset,
-    center_crop_adm,
-    list_images,
-    resize_center_crop,
-    to_uint8,
-)
+from dmvae.image import ImageFolderDataset, to_uint8
 from dmvae.metrics.fid import (
     FIDStats,
     InceptionV3Features,
@@ -57,29 +50,18 @@ from dmvae.metrics.fid import (
 )
 from dmvae.metrics.image import psnr, ssim
 from dmvae.metrics.precision_recall import precision_recall
-from dmvae.npz import NpzKeyError, iter_npz_images, load_npz_images, npz_image_shape, save_npz_images
-from dmvae.latent_stats import LatentChannelStats, LatentStats
+from dmvae.latent_stats import LatentStats
+from dmvae.npz import NpzKeyError, iter_npz_images, npz_image_shape
 
 __all__ = [
     "GenerationResult",
-    "ImageFolderDataset",
-    "LatentChannelStats",
     "ReconstructionResult",
-    "center_crop_adm",
     "compute_npz_stats",
     "evaluate_generation",
     "evaluate_reconstruction",
-    "iter_npz_images",
-    "list_images",
-    "load_npz_images",
-    "npz_image_shape",
-    "precision_recall",
-    "resize_center_crop",
-    "save_npz_images",
 ]
 
 FeatureExtractor = Callable[[torch.Tensor], torch.Tensor | Mapping[str, torch.Tensor]]
-_ = IMAGE_EXTENSIONS  # re-exported (dmvae.image is its home)
 
 
 def _features(out: torch.Tensor | Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:

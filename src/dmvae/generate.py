@@ -48,11 +48,7 @@ __all__ = [
     "model_digest",
     "sample_images",
     "sample_seed",
-    "to_uint8",
 ]
-
-#: (B, 3, H, W) float in [-1, 1] -> (B, H, W, 3) uint8 numpy; :func:`dmvae.image.to_uint8_numpy`.
-to_uint8 = to_uint8_numpy
 
 
 def balanced_labels(num_classes: int, num_per_class: int) -> torch.Tensor:

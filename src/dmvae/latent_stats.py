@@ -261,9 +261,6 @@ class LatentStats:
             config.latent_scale = scale
         except dataclasses.FrozenInstanceError:
             target.config = dataclasses.replace(config, latent_mean=mean, latent_scale=scale)
-        hook = getattr(target, "_on_latent_stats_changed", None)
-        if callable(hook):  # lets a model refresh buffers derived from the config
-            hook()
         return mean, scale
 
     @classmethod

@@ -18,9 +18,7 @@ option                 meaning
 ``--json``             print the result as JSON on stdout
 =====================  ===========================================================================
 
-Old spellings (``--preset``, ``--use-ema``, ``--vae``, ``--vae-preset``, ``--vae-ema``,
-``--dit-raw``, ``--no-progress``, ``--npz``) are accepted for one release as hidden aliases that
-print a deprecation note (:func:`add_alias`). Numbers are parsed by :func:`int_range` /
+Numbers are parsed by :func:`int_range` /
 :func:`float_range`, which refuse NaN, infinities and values out of range at parse time.
 Outputs are checked (:func:`check_output_file`, :func:`check_output_files`) before the work, and
 :func:`writing` turns an ``OSError`` during a write into one that names the path.
@@ -33,14 +31,12 @@ import contextlib
 import errno
 import math
 import os
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "HelpFormatter",
-    "add_alias",
     "add_dit_args",
     "add_model_args",
     "add_output_args",
@@ -87,22 +83,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def add_parser(subparsers: Any, name: str, *, help: str, description: str) -> argparse.ArgumentParser:
     """A sub-command parser with the shared help formatter."""
     return subparsers.add_parser(name, help=help, description=description, formatter_class=HelpFormatter)
-
-
-def add_alias(parser: argparse.ArgumentParser, old: str, new: str, **kwargs: Any) -> None:
-    """Accept ``old`` as a hidden, deprecated spelling of ``new`` (same ``dest``), for one release.
-
-    Hidden from ``--help``; using it prints ``note: OLD is deprecated, use NEW`` on stderr.
-    ``kwargs`` are those of ``add_argument`` (``dest``, ``action``, ``const``, ``type``...).
-    """
-    base = parser._registry_get("action", kwargs.pop("action", "store"), None)
-
-    class _Deprecated(base):  # type: ignore[misc, valid-type]
-        def __call__(self, p: Any, namespace: Any, values: Any, option_string: Any = None) -> None:
-            print(f"note: {old} is deprecated and will be removed; use {new}", file=sys.stderr)
-            super().__call__(p, namespace, values, option_string)
-
-    parser.add_argument(old, action=_Deprecated, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
 
 
 def int_range(low: int | None = None, high: int | None = None) -> Callable[[str], int]:
@@ -168,8 +148,6 @@ def add_model_args(parser: argparse.ArgumentParser, *, default: str | None = "se
         help="EMA (--ema) or raw (--no-ema) weights of a reference checkpoint (default: the raw "
         "weights for a reference vae.pt, as the release is evaluated)",
     )
-    add_alias(parser, "--preset", "--config", dest="config")
-    add_alias(parser, "--use-ema", "--ema", dest="ema", action="store_const", const=True)
     add_device_arg(parser)
 
 
@@ -188,7 +166,6 @@ def add_dit_args(parser: argparse.ArgumentParser, *, required: bool = True) -> N
     parser.add_argument("--dit-ema", action=argparse.BooleanOptionalAction, default=True,
                         help="EMA (--dit-ema) or raw (--no-dit-ema) weights of a reference DiT checkpoint")
     parser.add_argument("--dit-filename", default=None, help="file inside a DiT directory / repo, e.g. ep800.pt")
-    add_alias(parser, "--dit-raw", "--no-dit-ema", dest="dit_ema", action="store_const", const=False)
 
 
 def add_output_args(parser: argparse.ArgumentParser, *, what: str, required: bool = True) -> None:
@@ -200,7 +177,6 @@ def add_output_args(parser: argparse.ArgumentParser, *, what: str, required: boo
 
 def add_quiet_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="hide progress bars")
-    add_alias(parser, "--no-progress", "--quiet", dest="quiet", action="store_const", const=True)
 
 
 # ################################################################################################

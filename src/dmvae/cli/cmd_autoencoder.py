@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from dmvae.cli._common import (
-    add_alias,
     add_model_args,
     add_output_args,
     add_parser,
@@ -37,7 +36,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_output_args(p, what="output directory")
     p.add_argument("--image-size", type=int_range(1), default=None,
                    help="centre-crop size (default: the model's image_size)")
-    add_alias(p, "--size", "--image-size", dest="image_size", type=int_range(1))
     p.add_argument("--batch-size", type=int_range(1), default=8, help="images per model call")
     add_model_args(p)
     p.set_defaults(func=run_reconstruct)
@@ -56,7 +54,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_output_args(p, what="output .safetensors file")
     p.add_argument("--image-size", type=int_range(1), default=None,
                    help="centre-crop size (default: the model's image_size)")
-    add_alias(p, "--size", "--image-size", dest="image_size", type=int_range(1))
     p.add_argument("--raw", action="store_true", help="store raw (un-normalised) latents")
     p.add_argument("--batch-size", type=int_range(1), default=8, help="images per model call")
     add_model_args(p)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from dmvae.cli._common import add_alias, add_parser, check_output_files
+from dmvae.cli._common import add_parser, check_output_files
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,7 +27,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="(required) autoencoder preset (dmvae-l, ...), LatentDiT model name (LightningDiT-XL/1, ...) "
         "or config.json",
     )
-    add_alias(p, "--preset", "--config", dest="config")
     p.add_argument(
         "--ema",
         action=argparse.BooleanOptionalAction,

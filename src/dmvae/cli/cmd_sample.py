@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 from dmvae.cli._common import (
-    add_alias,
     add_dit_args,
     add_model_args,
     add_output_args,
@@ -38,12 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_dit_args(p)
     add_model_args(p)
-    add_alias(p, "--vae", "--model", dest="model")
-    add_alias(p, "--vae-preset", "--config", dest="config")
-    add_alias(p, "--vae-ema", "--ema", dest="ema", action="store_const", const=True)
     add_output_args(p, what="output: a PNG/JPEG grid (with --classes) or an .npz (with --num-per-class)",
                     required=False)  # fmt: skip
-    add_alias(p, "--npz", "-o OUT.npz", dest="npz")
     p.add_argument("--classes", type=int_range(0), nargs="+", default=None, help="class ids for the grid")
     p.add_argument("--nrow", type=int_range(1), default=None, help="images per grid row (default: ~sqrt)")
     p.add_argument("--num-per-class", type=int_range(1), default=None, help="images per class for an npz")
@@ -77,10 +72,6 @@ def _sampler_kwargs(args: argparse.Namespace) -> dict:
 
 def _check_args(args: argparse.Namespace) -> bool:
     """Validate the combination of options; returns True for npz mode."""
-    if getattr(args, "npz", None) is not None:
-        if args.out is not None:
-            raise ValueError("give the output once: -o OUT.npz (--npz is its old spelling)")
-        args.out = args.npz
     if args.out is None:
         raise ValueError("choose an output: -o GRID.png (with --classes) or -o OUT.npz (with --num-per-class)")
     npz_mode = Path(args.out).suffix.lower() == ".npz"

@@ -55,7 +55,6 @@ __all__ = [
     "ImageFolder",
     "ImageList",
     "SkimagePhotos",
-    "TrainImages",
     "build_dataset",
     "center_crop_transform",
     "data_identity",
@@ -295,94 +294,3 @@ def build_dataset(source: str | os.PathLike[str], transform: Callable | None = N
     raise FileNotFoundError(
         f"--data {text}: no such folder or file list (give an image folder, a file list, or 'skimage')"
     )
-
-
-# ################################################################################################
-#                            legacy: step-indexed synchronous batches
-# ################################################################################################
-
-
-class TrainImages:
-    """Step-indexed random crops of a photo collection, decoded in the training process (legacy).
-
-    Superseded by the DataLoader pipeline (:class:`~dmvae.training.sampler.TrainLoader` over the
-    datasets above); kept as the baseline of ``benchmarks/training_throughput.py``. ``batch(step,
-    batch_size, rank, world_size)`` is a pure function of (seed, step): indices are drawn with
-    replacement, and each process materialises its contiguous slice of the global batch.
-
-    Args:
-        source: ``"skimage"`` or a folder path.
-        image_size: crop side S (pixels).
-        resize_ratio: the shorter side is resized to ``round(resize_ratio * S)`` before cropping
-            (reference: 384 / 256 = 1.5).
-        hflip: random horizontal flips.
-        seed: base seed of the step-indexed draws.
-    """
-
-    def __init__(
-        self,
-        source: str | os.PathLike[str] = "skimage",
-        image_size: int = 64,
-        *,
-        resize_ratio: float = 1.5,
-        hflip: bool = True,
-        seed: int = 0,
-    ) -> None:
-        if resize_ratio < 1.0:
-            raise ValueError(f"resize_ratio must be >= 1 (the crop is taken from the resized image), got {resize_ratio}")
-        self.image_size, self.resize_ratio, self.hflip, self.seed = image_size, resize_ratio, hflip, seed
-        self.short_side = round(resize_ratio * image_size)
-        self._cache: dict[int, Image.Image] = {}
-        if str(source) == "skimage":
-            self.files: list[Path | str] = list(SKIMAGE_PHOTOS)
-            self.labels = [0] * len(self.files)
-            self.num_classes = 1
-        else:
-            folder = ImageFolder(source)
-            self.files = [p for p, _ in folder.samples]
-            self.labels = folder.labels
-            self.num_classes = folder.num_classes
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def _load(self, i: int) -> Image.Image:
-        # resized to the pre-crop size; cached for the small photo set, reloaded for folders
-        if i in self._cache:
-            return self._cache[i]
-        f = self.files[i]
-        if isinstance(f, str):
-            im = _skimage_photo(f)
-        else:
-            im = load_image(f)
-        w, h = im.size
-        s = self.short_side / min(w, h)
-        im = im.resize((max(self.short_side, round(w * s)), max(self.short_side, round(h * s))), Image.LANCZOS)
-        if isinstance(f, str):
-            self._cache[i] = im
-        return im
-
-    def batch(
-        self, step: int, batch_size: int, rank: int = 0, world_size: int = 1
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """This process's share of the global batch of ``step``: images (b, 3, S, S) in [-1, 1]
-        and labels (b,) int64, with b = ``batch_size`` (the per-process batch)."""
-        g = np.random.default_rng([self.seed, step])
-        total = batch_size * world_size
-        idx = g.integers(0, len(self.files), total)
-        u = g.random((total, 2))  # crop offsets as fractions of the free range
-        flip = g.random(total) < 0.5
-        lo, hi = rank * batch_size, (rank + 1) * batch_size
-        images, labels = [], []
-        s = self.image_size
-        for k in range(lo, hi):
-            im = self._load(int(idx[k]))
-            w, h = im.size
-            x0, y0 = int(u[k, 0] * (w - s + 1)), int(u[k, 1] * (h - s + 1))
-            arr = np.asarray(im.crop((x0, y0, x0 + s, y0 + s)), dtype=np.float32)
-            if self.hflip and flip[k]:
-                arr = arr[:, ::-1]
-            images.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))  # (3, S, S)
-            labels.append(self.labels[int(idx[k])])
-        x = torch.stack(images) / 127.5 - 1.0  # (b, 3, S, S) in [-1, 1]
-        return x, torch.tensor(labels, dtype=torch.int64)

@@ -55,9 +55,6 @@ class TwoTimeScaleSchedule:
     def autoencoder_step(self, step: int) -> bool:
         return (step - self.offset) % self.autoencoder_every == 0
 
-    def fake_step(self, step: int) -> bool:
-        return True
-
 
 class LinearWarmup:
     """LR multiplier ``min(1, (step + 1) / warmup_steps)``, then constant.
