@@ -389,6 +389,13 @@ def test_pipeline_save_load_reproduces(integ, dit: LatentDiT, vae: DMVAE, tmp_pa
     assert loaded.scheduler.config.shift == 2.0
     assert loaded.vae.config.scaling_factor == LATENT_SCALE
     torch.testing.assert_close(loaded(**call).images, expected, atol=1e-6, rtol=0)
+    # a dtype asked for reaches every component (torch_dtype: the spelling every diffusers knows)
+    half = integ.DMVAEPipeline.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    half.set_progress_bar_config(disable=True)
+    assert half.transformer.dtype == half.vae.dtype == torch.bfloat16
+    assert {p.dtype for p in half.vae.parameters()} == {torch.bfloat16}
+    images = half(**call).images
+    assert images.dtype == torch.float32 and torch.isfinite(images).all()
 
 
 # ---- the release architecture ------------------------------------------------------------------------

@@ -56,6 +56,14 @@ class StrictLoadingMixin:
                 "warn and keep random weights):\n" + "\n".join(problems)
                 + "\nWas the model saved with the same configuration?"
             )
+        # diffusers builds under the requested default dtype, which not every tensor follows (a
+        # timm encoder, the RoPE tables): put the whole model in the dtype asked for, as
+        # DMVAE.from_pretrained(dtype=...) does.
+        dtype = kwargs.get("dtype") or kwargs.get("torch_dtype")
+        if isinstance(dtype, torch.dtype) and dtype.is_floating_point and any(
+            t.is_floating_point() and t.dtype != dtype for t in (*model.parameters(), *model.buffers())
+        ):
+            nn.Module.to(model, dtype=dtype)  # (ModelMixin.to would warn about an empty fp32 list)
         return (model, info) if want_info else model
 
 
