@@ -71,16 +71,7 @@ def test_no_dynamic_imports_of_dmvae(path: Path) -> None:
     assert not found, f"{path.relative_to(SRC)}: {found}"
 
 
-# Modules being split by the open issue-19 work of other changes (remove the entry when done).
-_BEING_SPLIT = {"training/checkpoint.py", "experiments/table1.py"}
-
-
-@pytest.mark.parametrize(
-    "path",
-    [pytest.param(p, marks=pytest.mark.xfail(reason="being split", strict=False))
-     if str(p.relative_to(SRC)) in _BEING_SPLIT else p for p in _sources()],
-    ids=lambda p: str(p.relative_to(SRC)),
-)
+@pytest.mark.parametrize("path", _sources(), ids=lambda p: str(p.relative_to(SRC)))
 def test_module_is_at_most_500_lines(path: Path) -> None:
     n = len(path.read_text(encoding="utf-8").splitlines())
     assert n <= MAX_LINES, f"{path.relative_to(SRC)} has {n} lines (at most {MAX_LINES}): split it by job"

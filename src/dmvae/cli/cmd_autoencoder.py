@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
@@ -179,8 +178,8 @@ def run_encode(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from dmvae.files import atomic_save_safetensors
     from dmvae.image import pil_to_tensor
+    from dmvae.latent_files import save_latents
 
     paths, rel, labels, classes = _relative_names(args.images)
     out = check_output_file(args.out, overwrite=args.overwrite)
@@ -191,56 +190,26 @@ def run_encode(args: argparse.Namespace) -> int:
         for chunk in batched(paths, args.batch_size):
             latents.append(model.encode(pil_to_tensor(_crops(chunk, size)), normalize=not args.raw).float().cpu())
             bar.update(len(chunk))
-    tensors = {"latents": torch.cat(latents)}
-    metadata = {
-        "files": json.dumps(rel),
-        "normalized": json.dumps(not args.raw),
-        "latent_mean": json.dumps(model.config.latent_mean),
-        "latent_scale": json.dumps(model.config.latent_scale),
-        "image_size": json.dumps(size),
-    }
-    if labels is not None:
-        tensors["labels"] = torch.tensor(labels, dtype=torch.long)
-        metadata["classes"] = json.dumps(classes)
+    z = torch.cat(latents)
     with writing(out):
-        atomic_save_safetensors(tensors, out, metadata=metadata)
+        save_latents(out, z, normalized=not args.raw, files=rel, labels=labels, classes=classes,
+                     latent_mean=model.config.latent_mean, latent_scale=model.config.latent_scale,
+                     image_size=size)
     extra = f" and {len(classes)}-class labels" if classes else ""
-    print(f"wrote {tuple(tensors['latents'].shape)} latents{extra} to {out}")
+    print(f"wrote {tuple(z.shape)} latents{extra} to {out}")
     return 0
-
-
-def _meta_json(meta: dict[str, str], key: str, path: str, default: Any) -> Any:
-    """Parse one JSON metadata field, naming the file and the field when it is invalid."""
-    if key not in meta:
-        return default
-    try:
-        return json.loads(meta[key])
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: metadata field {key!r} is not valid JSON ({e.msg} at char {e.pos}): "
-                         f"{meta[key][:80]!r}") from None  # fmt: skip
 
 
 def run_decode(args: argparse.Namespace) -> int:
     import torch
-    from safetensors import safe_open
     from tqdm.auto import tqdm
 
-    from dmvae.files import read_safetensors
     from dmvae.image import tensor_to_pil
+    from dmvae.latent_files import load_latents
 
-    tensors = read_safetensors(args.latents)
-    if args.key not in tensors:
-        raise ValueError(f"{args.latents} has no tensor {args.key!r}; found {sorted(tensors)}")
-    z = tensors[args.key]
-    with safe_open(args.latents, framework="pt") as f:
-        meta = f.metadata() or {}
-    normalized = False if args.raw else _meta_json(meta, "normalized", args.latents, True)
-    if not isinstance(normalized, bool):
-        raise ValueError(f"{args.latents}: metadata field 'normalized' must be true or false, got {normalized!r}")
-    files = _meta_json(meta, "files", args.latents, None)
-    if files is not None and (not isinstance(files, list) or len(files) != len(z)):
-        raise ValueError(f"{args.latents}: metadata field 'files' must list {len(z)} names, got "
-                         f"{type(files).__name__} of length {len(files) if isinstance(files, list) else '-'}")  # fmt: skip
+    found = load_latents(args.latents, key=args.key)
+    z, files = found.latents, found.files
+    normalized = False if args.raw else found.normalized
     taken: set[str] = set()
     names = [_unique(_safe_stem(files[i] if files else f"{i:06d}", i), taken) + ".png" for i in range(len(z))]
     out = check_output_files(args.out, names, overwrite=args.overwrite)
