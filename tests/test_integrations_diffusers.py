@@ -91,6 +91,10 @@ z = vae.encode(x)
 assert vae.decode(z).shape == (1, 3, 32, 32)
 dit = LatentDiT({DIT_CONFIG!r}).eval()
 assert sample(dit, torch.randn(2, 8, 2, 2), [0, 1], num_steps=2, cfg_scale=2.0).shape == (2, 8, 2, 2)
+import importlib, pkgutil
+for info in pkgutil.walk_packages(dmvae.__path__, "dmvae."):  # every other module imports as before
+    if not info.name.startswith("dmvae.integrations.diffusers") and not info.name.endswith("__main__"):
+        importlib.import_module(info.name)
 try:
     import dmvae.integrations.diffusers
 except ImportError as e:
@@ -145,6 +149,12 @@ def test_autoencoder_conversion_is_lossless(integ, vae: DMVAE) -> None:
     assert all(torch.equal(back.state_dict()[k], v) for k, v in ours.items())
     with pytest.raises(TypeError, match="DMVAE"):
         integ.AutoencoderDMVAE.from_dmvae(ae)
+    # every DMVAEConfig field has its constructor argument (three renamed), and nothing else
+    import inspect
+
+    params = [p for p in inspect.signature(integ.AutoencoderDMVAE.__init__).parameters if p != "self"]
+    renamed = {"encoder": "encoder_name", "latent_mean": "shift_factor", "latent_scale": "scaling_factor"}
+    assert sorted(params) == sorted(renamed.get(f, f) for f in vae.config.to_dict())
 
 
 def test_autoencoder_save_load_round_trip(integ, vae: DMVAE, images: torch.Tensor, tmp_path: Path) -> None:
