@@ -157,16 +157,16 @@ def _fashion_root(root: str | None) -> dict[str, Path]:
         files = find_fashion_mnist(candidate)
         if files is not None:
             return files
+    if not _network_available():  # checked first: importing torchvision alone takes seconds
+        raise FileNotFoundError(
+            f"--data fashion-mnist: not found in {DEBIAN_ROOT} or {DEFAULT_ROOT} and no network to "
+            f"download it into {DEFAULT_ROOT}; {where}")
     try:
         from torchvision.datasets import FashionMNIST
     except ImportError:
         raise FileNotFoundError(
             f"--data fashion-mnist: not found in {DEBIAN_ROOT} or {DEFAULT_ROOT} and torchvision (the "
             f"downloader) is not installed; {where}") from None
-    if not _network_available():
-        raise FileNotFoundError(
-            f"--data fashion-mnist: not found in {DEBIAN_ROOT} or {DEFAULT_ROOT} and no network to "
-            f"download it into {DEFAULT_ROOT}; {where}")
     for train in (True, False):
         FashionMNIST(str(DEFAULT_ROOT), train=train, download=True)
     files = find_fashion_mnist(DEFAULT_ROOT)
