@@ -55,6 +55,7 @@ def image_dir(tmp_path_factory, photos):
     return root
 
 
+@pytest.mark.slow  # end to end: Inception over npz files
 def test_eval_gen_json(tmp_path, photos, inception_file, capsys):
     real = np.stack(photos[:3])  # (3, 48, 48, 3)
     fake = np.ascontiguousarray(real[:, ::-1])  # upside-down "samples"
@@ -78,7 +79,7 @@ def test_eval_gen_json(tmp_path, photos, inception_file, capsys):
             "--device",
             "cpu",
             "--quiet",
-            "--json",
+            "-o",
             str(out),
         ]
     )
@@ -91,6 +92,7 @@ def test_eval_gen_json(tmp_path, photos, inception_file, capsys):
     assert "fid" in capsys.readouterr().out  # human-readable summary too
 
 
+@pytest.mark.slow  # end to end: a DMVAE over an image folder, Inception, LPIPS
 def test_eval_recon_dmvae_json_to_stdout(tmp_path, image_dir, inception_file, capsys):
     from dmvae.autoencoder import DMVAE
 
@@ -117,11 +119,10 @@ def test_eval_recon_dmvae_json_to_stdout(tmp_path, image_dir, inception_file, ca
             "cpu",
             "--quiet",
             "--json",
-            "-",
         ]
     )
     assert rc == 0
-    res = json.loads(capsys.readouterr().out)  # --json - : nothing but the JSON document on stdout
+    res = json.loads(capsys.readouterr().out)  # --json: nothing but the JSON document on stdout
     assert res["num_images"] == 3 and res["image_size"] == 32 and res["model"] == str(tmp_path / "tiny")
     assert res["latents"]["latent_channels"] == 8 and len(res["latents"]["latent_channel_std"]) == 8
     assert np.isfinite(res["rfid"]) and res["rfid"] > 0 and np.isfinite(res["psnr"]) and res["lpips"] is None

@@ -55,9 +55,10 @@ def no_model(monkeypatch):
 
 
 def test_reconstruct_refuses_existing_pngs(classes, tmp_path, no_model, capsys) -> None:
-    (tmp_path / "b.png").write_bytes(b"mine")
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "cat" / "b.png").write_bytes(b"mine")  # the class sub-folders are kept: cat/b.jpg -> cat/b.png
     assert _run("reconstruct", str(classes), "-o", str(tmp_path), "--image-size", "32") == 1
-    assert "b.png" in capsys.readouterr().err and (tmp_path / "b.png").read_bytes() == b"mine"
+    assert "cat/b.png" in capsys.readouterr().err and (tmp_path / "cat" / "b.png").read_bytes() == b"mine"
 
 
 def test_encode_refuses_an_existing_file(classes, tmp_path, no_model, capsys) -> None:

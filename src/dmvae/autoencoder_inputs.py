@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -113,6 +114,16 @@ def check_images(images: Any, patch_size: int, *, check_range: bool = True) -> T
             raise ValueError(
                 f"expected images in [-1, 1], got values in [{lo:.4g}, {hi:.4g}]: {hint}. "
                 "(Set model.check_input_range = False to skip this check.)"
+            )
+        if lo >= 0.0 and images[0].numel() >= 3 * 8 * 8:
+            # The common slip: torchvision's ToTensor gives [0, 1]. A real [-1, 1] batch with no
+            # pixel channel below mid-grey is rare, so this warns rather than refuses.
+            warnings.warn(
+                f"images look like [0, 1] (values in [{lo:.3g}, {hi:.3g}], none negative) but the model "
+                "expects [-1, 1]: use 2 * x - 1 (ToTensor output) or dmvae.image.pil_to_tensor. "
+                "(Set model.check_input_range = False to silence this.)",
+                UserWarning,
+                stacklevel=3,
             )
     return images
 

@@ -413,6 +413,16 @@ class HubMixin:
         return cls._build_and_load(cls._resolve_config(config), state_dict, source=source)
 
     @classmethod
+    def from_config(cls, config: Any, *, max_parameters: int = MAX_PARAMETERS, **overrides: Any) -> Self:
+        """A randomly initialised model of ``config`` (a config, a dict of fields or a preset name),
+        with field ``overrides``: ``DMVAE.from_config("dmvae-tiny", image_size=64)``. The config is
+        first built on the meta device and refused above ``max_parameters`` (:func:`check_config_size`)."""
+        cfg = cls._resolve_config(config)
+        cfg = cfg.replace(**overrides) if overrides else cfg
+        check_config_size(cls, cfg, max_parameters)
+        return cls(cfg)  # type: ignore[call-arg]
+
+    @classmethod
     def _build_and_load(
         cls, cfg: Any, state_dict: Mapping[str, torch.Tensor], source: str
     ) -> Self:

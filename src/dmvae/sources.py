@@ -97,15 +97,8 @@ def hub_status(local_files_only: bool | None = None) -> tuple[bool, str]:
     return True, ""
 
 
-def resolve_hub_file(
-    repo_id: str,
-    filename: str,
-    *,
-    revision: str | None = None,
-    cache_dir: PathLike | None = None,
-    local_files_only: bool | None = None,
-    token: str | bool | None = None,
-) -> Path | None:
+def resolve_hub_file(repo_id: str, filename: str, *, revision: str | None = None, cache_dir: PathLike | None = None,
+                     local_files_only: bool | None = None, token: str | bool | None = None) -> Path | None:
     """Path of ``filename`` in ``repo_id`` (downloaded, or from the cache when the Hub cannot be
     reached); ``None`` if the repo has no such file or it is neither cached nor downloadable."""
     from huggingface_hub import hf_hub_download
@@ -184,18 +177,12 @@ class Location:
         return FileNotFoundError(
             f"{local}the Hugging Face Hub repo {self.repo_id!r} is not in the local cache (looked for "
             f"{tried}) and the Hub is unreachable ({why}). Pass an existing local path, or download "
-            f"the repo on a machine with internet access (huggingface-cli download {self.repo_id})."
+            f"the repo on a machine with internet access (hf download {self.repo_id})."
         )
 
 
-def locate(
-    source: PathLike,
-    *,
-    revision: str | None = None,
-    cache_dir: PathLike | None = None,
-    local_files_only: bool | None = None,
-    token: str | bool | None = None,
-) -> Location:
+def locate(source: PathLike, *, revision: str | None = None, cache_dir: PathLike | None = None,
+           local_files_only: bool | None = None, token: str | bool | None = None) -> Location:
     """Classify ``source``: an existing local file or directory, ``hf://owner/name[/file]``, or a
     Hub repo id ``owner/name``. Anything else raises ``FileNotFoundError`` at once."""
     src = os.fspath(source)
@@ -206,6 +193,12 @@ def locate(
     path = Path(src).expanduser()
     if path.exists():
         return Location(src, local=path)
+    if looks_like_repo_id(src) and path.parent.is_dir():  # out/tyny with a local out/: a mistyped path
+        held = sorted(p.name for p in path.parent.iterdir())[:12]
+        raise FileNotFoundError(
+            f"{src!r} does not exist: the local folder {str(path.parent)!r} holds {held} (for the Hugging "
+            f"Face repo of that name, write hf://{src})"
+        )
     if looks_like_repo_id(src):
         return Location(src, repo_id=src, hub_kwargs=hub_kwargs)
     raise FileNotFoundError(

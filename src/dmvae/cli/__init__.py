@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that describe a problem with the user's input or environment and are shown as
     one line: bad values (``ValueError``, which the library raises for every invalid input),
-    files (``OSError``: missing, existing, read-only, disk full; the message names the path),
+    unknown preset / prior names (``UnknownNameError``, with "did you mean"), files (``OSError``: missing, existing, read-only, disk full; the message names the path),
     unfinished shards, CUDA out of memory. ``TypeError`` / ``KeyError`` / other ``RuntimeError``
     from our code are bugs and keep their traceback."""
     import torch
@@ -73,7 +73,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
+    stderr = sys.stderr
+    if not stderr.isatty() and not isinstance(stderr, _LineStream):
+        sys.stderr = _LineStream(stderr)  # progress bars in a log file: periodic lines, no \r flood
     try:
+        return _run(args)
+    finally:
+        sys.stderr.flush()
+        sys.stderr = stderr
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        if hasattr(args, "threads"):  # every command that computes (the one place threads are set)
+            from dmvae.cli._common import apply_threads
+
+            apply_threads(args.threads)
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe fails here, inside the handler, not at exit
         return code
@@ -94,7 +109,63 @@ def _message(e: BaseException) -> str:
     if isinstance(e, OSError) and e.filename is not None and e.strerror:
         return f"{e.strerror}: {e.filename}"
     text = str(e)
-    return text if text else type(e).__name__
+    return _in_flag_names(text) if text else type(e).__name__
+
+
+#: The library's errors name Python arguments; on the command line the same advice names the flag.
+_FLAG_SPELLINGS: tuple[tuple[str, str], ...] = (
+    (r"pass config= \(a LatentDiTConfig, a dict or a preset name\)", "pass --dit-config (a model name or a config.json)"),
+    (r"pass config= \(a \w+, a dict or a preset name\)", "pass --config (a preset name or a config.json)"),
+    (r"LPIPS\(weights=[^)]*\)\)?", "--lpips-weights FILE"),
+    (r"--inception PATH, weights=PATH or ", "--inception PATH or "),
+    (r"pass token=\)", "log in with `hf auth login` or set HF_TOKEN)"),
+    (r"\bor use pretrained=False for tests\b", "or evaluate without LPIPS"),
+)
+
+
+def _in_flag_names(text: str) -> str:
+    import re
+
+    for pattern, flag in _FLAG_SPELLINGS:
+        text = re.sub(pattern, flag, text)
+    return text
+
+
+class _LineStream:
+    """stderr for a log file: progress bars (text ended by ``\r``) become one line at most every
+    ``every`` seconds, ordinary text passes through line by line."""
+
+    def __init__(self, stream, every: float = 30.0) -> None:
+        self._stream, self._every, self._buf, self._last = stream, every, "", float("-inf")
+
+    def write(self, text: str) -> int:
+        import time
+
+        self._buf += text
+        while True:
+            cut = min((i for i in (self._buf.find("\r"), self._buf.find("\n")) if i >= 0), default=-1)
+            if cut < 0:
+                break
+            piece, ended_by, self._buf = self._buf[:cut], self._buf[cut], self._buf[cut + 1 :]
+            piece = piece.replace("\x1b[A", "").rstrip()
+            if not piece.strip():
+                continue
+            if ended_by == "\r":  # a bar frame about to be overwritten: keep one per period
+                now = time.monotonic()
+                if now - self._last < self._every:
+                    continue
+                self._last = now
+            self._stream.write(piece + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 if __name__ == "__main__":  # pragma: no cover

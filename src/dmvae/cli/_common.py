@@ -15,7 +15,8 @@ option                 meaning
 ``--device``           ``cpu``, ``cuda``, ``cuda:1`` ... (default: cuda if available)
 ``--batch-size``       items per model call
 ``--seed``             base random seed
-``--json``             print the result as JSON on stdout
+``--threads``          torch CPU threads (:func:`default_threads`; set in one place, :func:`apply_threads`)
+``--json``             print the result as JSON on stdout (otherwise: human text)
 =====================  ===========================================================================
 
 Numbers are parsed by :func:`int_range` /
@@ -41,13 +42,17 @@ __all__ = [
     "add_model_args",
     "add_output_args",
     "add_parser",
+    "add_threads_arg",
+    "apply_threads",
     "batched",
     "check_output_file",
     "check_output_files",
+    "check_weights_source",
     "collect_images",
     "config_arg",
     "default_device",
     "default_num_workers",
+    "default_threads",
     "float_range",
     "int_range",
     "load_autoencoder",
@@ -63,21 +68,35 @@ __all__ = [
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the description's line breaks and appends ``(default: X)`` to every option whose
-    default is meaningful (not None / False / suppressed) and whose help does not mention one."""
+    default is meaningful and whose help does not mention one: not for required options, on/off
+    switches (``--quiet``, ``--no-tf32``: their name says it), or defaults that are None / empty.
+    ``--x / --no-x`` pairs show the default switch by name. The examples use it too."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
+        text = (action.help or "").replace(" (default: %(default)s)", "")
         default = action.default
+        if "default" in text or not action.option_strings or action.required:
+            return text
+        if isinstance(action, argparse.BooleanOptionalAction):
+            if not isinstance(default, bool):
+                return text
+            on = next(o for o in action.option_strings if not o.startswith("--no-"))
+            shown = on if default else "--no-" + on[2:]
+            return f"{text} (default: {shown})".strip()
         if (
-            "default" in text
+            action.nargs == 0
             or default is None
-            or default is False
             or default is argparse.SUPPRESS
-            or not action.option_strings
+            or (isinstance(default, (list, tuple, str)) and len(default) == 0)
         ):
             return text
         shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else default
-        return f"{text} (default: {shown})"
+        return f"{text} (default: {shown})".strip()
+
+    def _metavar_formatter(self, action: argparse.Action, default_metavar: str):  # type: ignore[override]
+        if action.metavar == "" or (action.metavar is None and action.choices is None and not default_metavar):
+            return super()._metavar_formatter(action, "VALUE")  # never an empty ``[]`` in the usage
+        return super()._metavar_formatter(action, default_metavar)
 
 
 def add_parser(subparsers: Any, name: str, *, help: str, description: str) -> argparse.ArgumentParser:
@@ -152,8 +171,58 @@ def add_model_args(parser: argparse.ArgumentParser, *, default: str | None = "se
 
 
 def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--threads`` (every command that computes has both)."""
     if not any("--device" in a.option_strings for a in parser._actions):
         parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    add_threads_arg(parser)
+
+
+def add_threads_arg(parser: argparse.ArgumentParser, *, default: int | None = None, why: str = "") -> None:
+    """``--threads N``: torch CPU threads, applied by ``dmvae.cli.main`` (:func:`apply_threads`)."""
+    if any("--threads" in a.option_strings for a in parser._actions):
+        return
+    shown = f"default: {default}{why}" if default is not None else f"default: {default_threads()} on this machine, " \
+        "half the usable CPUs (1 to 8) or $OMP_NUM_THREADS"
+    parser.add_argument("--threads", type=int_range(1), default=default, metavar="N",
+                        help=f"torch CPU threads per process ({shown})")
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """torch CPU threads per process when ``--threads`` is not given.
+
+    ``$OMP_NUM_THREADS`` when set (torchrun sets 1 per process); otherwise half the usable CPUs,
+    shared by the local torchrun processes, at least 1 and at most 8. Why half: torch's own default
+    is every physical core, which on a busy machine over-subscribes it (measured on a busy 2-core VM,
+    issue 21: a 30-step stage-1 run took 106 s with torch's default and 21 s with 1 thread, Heun CFG
+    sampling 86 s vs 16 s); half leaves room for DataLoader workers and other jobs, gives 1 on a
+    2-vCPU machine and about the physical cores on SMT machines. The figures came from a loaded
+    machine; a measurement on a quiet one is still to be made.
+    """
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) >= 1:
+        return int(env)
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1").strip()
+    procs = int(local) if local.isdigit() and int(local) >= 1 else 1
+    return max(1, min(8, _usable_cpus() // (2 * procs)))
+
+
+def apply_threads(threads: int | None) -> int:
+    """The one place that sets torch's CPU threads (CLI and examples): ``threads`` or
+    :func:`default_threads`. Returns the number set."""
+    import torch
+
+    n = default_threads() if threads is None else int(threads)
+    if n < 1:
+        raise ValueError(f"--threads must be >= 1, got {n}")
+    torch.set_num_threads(n)
+    return n
 
 
 def add_dit_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -194,11 +263,7 @@ def default_device(name: str | None) -> str:
 
 def default_num_workers(limit: int = 4) -> int:
     """Data-loading worker processes that fit this machine: ``min(limit, usable CPUs - 1)``."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cpus = os.cpu_count() or 1
-    return max(0, min(limit, cpus - 1))
+    return max(0, min(limit, _usable_cpus() - 1))
 
 
 def config_arg(value: str | None) -> Any:
@@ -210,10 +275,30 @@ def config_arg(value: str | None) -> Any:
     return value
 
 
+def check_weights_source(flag: str, value: str, *, config_flag: str = "--config") -> None:
+    """A registered preset name given where trained weights are expected (``--model dmvae-l``):
+    say that it is an architecture, not weights, and how to get weights. The name is looked up in
+    the one model registry (:data:`dmvae._registry.MODELS`, as ``create_model`` does)."""
+    from dmvae._registry import MODELS
+    from dmvae.models import list_models  # noqa: F401 - importing it fills the registry
+
+    if Path(os.path.expanduser(value)).exists() or "://" in value:
+        return
+    if value in MODELS:
+        raise ValueError(
+            f"{flag} {value}: {value!r} is an architecture (a model preset), not trained weights. Give weights: "
+            f"a directory written by save_pretrained, a .safetensors / reference .pt file with {config_flag} "
+            f"{value}, or a Hugging Face repo id such as sen-ye/dmvae (to fetch it for offline use: "
+            f"hf download sen-ye/dmvae). `dmvae info {value}` describes the architecture; "
+            f"dmvae.create_model({value!r}) builds it with random weights."
+        )
+
+
 def load_autoencoder(args: argparse.Namespace):
     """``DMVAE.from_pretrained`` from ``--model``, ``--config``, ``--ema``, ``--device``."""
     from dmvae.autoencoder import DMVAE
 
+    check_weights_source("--model", args.model)
     return DMVAE.from_pretrained(
         args.model, config=config_arg(args.config), use_ema=args.ema, device=default_device(args.device)
     )
@@ -223,6 +308,7 @@ def load_dit(args: argparse.Namespace, device: str):
     """``LatentDiT.from_pretrained`` from ``--dit``, ``--dit-config``, ``--dit-ema``, ``--dit-filename``."""
     from dmvae.dit import LatentDiT
 
+    check_weights_source("--dit", args.dit, config_flag="--dit-config")
     return LatentDiT.from_pretrained(
         args.dit, config=config_arg(args.dit_config), use_ema=args.dit_ema, filename=args.dit_filename,
         device=device,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -28,14 +29,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "reconstruct",
         help="encode and decode images, write the reconstructions as PNG",
         description="Centre-crop (ADM) each image to the model's resolution, encode, decode, and "
-        "write <name>.png to OUT. Prints the PSNR of each reconstruction. Images smaller than the "
-        "crop are upscaled (with a note).",
+        "write <name>.png to OUT, keeping the sub-folders of a folder input (cats/a.jpg -> "
+        "OUT/cats/a.png). Prints the PSNR of each reconstruction. Images smaller than the crop are "
+        "upscaled (with a note).",
     )
     p.add_argument("images", nargs="+", help="image files or directories")
     add_output_args(p, what="output directory")
     p.add_argument("--image-size", type=int_range(1), default=None,
                    help="centre-crop size (default: the model's image_size)")
     p.add_argument("--batch-size", type=int_range(1), default=8, help="images per model call")
+    p.add_argument("--json", action="store_true", help="print one JSON object per image (input, output, psnr)")
     add_model_args(p)
     p.set_defaults(func=run_reconstruct)
 
@@ -55,6 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="centre-crop size (default: the model's image_size)")
     p.add_argument("--raw", action="store_true", help="store raw (un-normalised) latents")
     p.add_argument("--batch-size", type=int_range(1), default=8, help="images per model call")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     add_model_args(p)
     p.set_defaults(func=run_encode)
 
@@ -71,6 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--key", default="latents", help="tensor name in the file")
     p.add_argument("--raw", action="store_true", help="the latents are raw (default: read from the file's metadata)")
     p.add_argument("--batch-size", type=int_range(1), default=8, help="latents per model call")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     add_model_args(p)
     p.set_defaults(func=run_decode)
 
@@ -117,9 +122,9 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     from dmvae.image import pil_to_tensor, tensor_to_pil, to_uint8
     from dmvae.metrics import psnr
 
-    paths = collect_images(args.images)
+    paths, rel, _, _ = _relative_names(args.images)  # a folder's sub-folders are kept: cats/a.jpg -> cats/a.png
     taken: set[str] = set()
-    names = [_unique(p.stem, taken) + ".png" for p in paths]
+    names = [_unique(_rel_stem(r), taken) + ".png" for r in rel]
     out = check_output_files(args.out, names, overwrite=args.overwrite)  # before loading the model
     model = load_autoencoder(args)
     size = args.image_size or model.config.image_size
@@ -131,11 +136,22 @@ def run_reconstruct(args: argparse.Namespace) -> int:
             scores = psnr(to_uint8(x), to_uint8(rec))  # on the saved 8-bit images
             for i, img, score in zip(chunk, tensor_to_pil(rec), scores.tolist()):
                 target = out / names[i]
+                target.parent.mkdir(parents=True, exist_ok=True)
                 with writing(target):
                     _save_png(img, target)
-                tqdm.write(f"{paths[i]} -> {target}  PSNR {score:.2f} dB")
+                if args.json:
+                    print(json.dumps({"input": str(paths[i]), "output": str(target), "psnr": score}))
+                else:
+                    tqdm.write(f"{paths[i]} -> {target}  PSNR {score:.2f} dB")
                 bar.update(1)
     return 0
+
+
+def _rel_stem(rel: str) -> str:
+    """``cats/a.jpg`` -> ``cats/a``: the relative path without its suffix, each part made safe."""
+    parts = rel.split("/")
+    dirs = [_safe_stem(d + ".x", 0) for d in parts[:-1]]  # no suffix to strip: the ".x" is removed
+    return "/".join([*dirs, _safe_stem(parts[-1], 0)])
 
 
 def _save_png(img: Any, path: Path) -> None:
@@ -196,7 +212,11 @@ def run_encode(args: argparse.Namespace) -> int:
                      latent_mean=model.config.latent_mean, latent_scale=model.config.latent_scale,
                      image_size=size)
     extra = f" and {len(classes)}-class labels" if classes else ""
-    print(f"wrote {tuple(z.shape)} latents{extra} to {out}")
+    if args.json:
+        print(json.dumps({"out": str(out), "latents": list(z.shape), "normalized": not args.raw,
+                          "classes": classes}))
+    else:
+        print(f"wrote {tuple(z.shape)} latents{extra} to {out}")
     return 0
 
 
@@ -225,5 +245,8 @@ def run_decode(args: argparse.Namespace) -> int:
                     _save_png(img, target)
                 index += 1
             bar.update(len(chunk))
-    print(f"wrote {index} images to {out}")
+    if args.json:
+        print(json.dumps({"out": str(out), "images": [str(out / n) for n in names]}))
+    else:
+        print(f"wrote {index} images to {out}")
     return 0

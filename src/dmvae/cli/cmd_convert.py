@@ -23,9 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("output", help="output directory")
     p.add_argument(
         "--config",
-        default=None,
-        help="(required) autoencoder preset (dmvae-l, ...), LatentDiT model name (LightningDiT-XL/1, ...) "
-        "or config.json",
+        required=True,
+        help="the architecture the checkpoint was trained with: an autoencoder preset (dmvae-l, ...), a "
+        "LatentDiT model name (LightningDiT-XL/1, ...) or a config.json",
     )
     p.add_argument(
         "--ema",
@@ -41,6 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="config overrides, e.g. --set input_size=16 in_channels=32 (JSON values)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a model already in OUTPUT (refused otherwise)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.set_defaults(func=run)
 
 
@@ -72,5 +73,11 @@ def run(args: argparse.Namespace) -> int:
         model, out, ema = convert_checkpoint(args.input, args.output, config_arg(args.config), use_ema=args.ema,
                                              overrides=overrides, overwrite=args.overwrite)  # fmt: skip
     n = model.num_parameters()
-    print(f"wrote {type(model).__name__} ({n:,} parameters, {'EMA' if ema else 'raw'} weights) to {out}")
+    if args.json:
+        import json
+
+        print(json.dumps({"model": type(model).__name__, "parameters": n, "weights": "ema" if ema else "raw",
+                          "out": str(out)}))
+    else:
+        print(f"wrote {type(model).__name__} ({n:,} parameters, {'EMA' if ema else 'raw'} weights) to {out}")
     return 0

@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from dmvae.cli._common import add_parser, add_quiet_arg, float_range, int_range
+from dmvae.cli._common import add_parser, add_quiet_arg, add_threads_arg, float_range, int_range
 
 
 def register(subparsers) -> None:
@@ -49,8 +49,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
                    help="print the figures as JSON on stdout (or write them to PATH)")
-    p.add_argument("--threads", type=int_range(1), default=1,
-                   help="torch threads (1 is fastest for these tiny nets)")
+    add_threads_arg(p, default=1, why=", the fastest for these tiny nets")
     add_quiet_arg(p)
     p.set_defaults(func=run)
 
@@ -66,6 +65,9 @@ def run(args: argparse.Namespace) -> int:
         save_figure,
     )
 
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"-o {args.out}: a file of that name exists; the demo writes demo.png and points.npy "
+                         "into a directory: pass a directory name")
     overrides = {"seed": args.seed, "num_threads": args.threads}
     for name in ("steps", "teacher_steps", "point_lr", "point_every", "eval_sets"):
         if getattr(args, name) is not None:  # ranges are checked by the parser

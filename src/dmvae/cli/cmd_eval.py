@@ -92,23 +92,15 @@ def register(subparsers: Any) -> None:
 
 
 def _add_result_args(p: argparse.ArgumentParser) -> None:
-    """``-o/--out`` (JSON results file), ``--overwrite``, ``--quiet``, ``--json`` (JSON on stdout).
-
-    The old ``--json OUT`` (write the file) still works, with a deprecation note."""
+    """``-o/--out`` (JSON results file), ``--overwrite``, ``--quiet``, ``--json`` (JSON on stdout)."""
     add_output_args(p, what="also write the results as JSON to this file", required=False)
-    p.add_argument("--json", nargs="?", const="-", default=None, metavar="",
-                   help="print the results as JSON on stdout instead of the summary")
+    p.add_argument("--json", action="store_true", help="print the results as JSON on stdout instead of the summary")
 
 
 def _json_target(args: argparse.Namespace) -> tuple[bool, Path | None]:
     """(print JSON on stdout?, results file or None); the file is checked before any work."""
     out = args.out
-    if args.json not in (None, "-"):
-        print(f"note: --json FILE is deprecated and will be removed; use -o {args.json}", file=sys.stderr)
-        if out is not None:
-            raise ValueError("give the results file once: -o FILE (--json FILE is its old spelling)")
-        out = args.json
-    return args.json == "-", (check_output_file(out, overwrite=args.overwrite) if out is not None else None)
+    return bool(args.json), (check_output_file(out, overwrite=args.overwrite) if out is not None else None)
 
 
 def _jsonable(value: Any) -> Any:

@@ -73,17 +73,23 @@ def _describe_dit(config: Any, label: str) -> dict[str, Any]:
 
 
 def describe(source: str) -> dict[str, Any]:
-    """The description of a preset name, a ``config.json`` or a directory holding one."""
-    from dmvae.models import list_models, model_config
+    """The description of a preset name (looked up as ``dmvae.create_model`` does: the one model
+    registry, any case, "did you mean"), a ``config.json`` or a directory holding one."""
+    from dmvae._registry import MODELS, UnknownNameError
     from dmvae.autoencoder import DMVAEConfig
     from dmvae.dit import LatentDiTConfig
+    from dmvae.models import model_config
 
-    if source in list_models():
-        config = model_config(source)
+    path = Path(source)
+    if not path.exists():
+        try:
+            config = model_config(source)
+        except UnknownNameError as e:
+            raise ValueError(f"{e}; or give a config.json or a directory holding one") from None
+        source = MODELS.canonical(source)  # the registered spelling
         if isinstance(config, LatentDiTConfig):
             return _describe_dit(config, f"model {source}")
         return _describe_autoencoder(config, f"preset {source}")
-    path = Path(source)
     cfg_file = path / "config.json" if path.is_dir() else path
     if cfg_file.is_file() and cfg_file.suffix == ".json":
         from dmvae.files import read_json
@@ -95,10 +101,7 @@ def describe(source: str) -> dict[str, Any]:
         if kind in ("LatentDiT", "LatentDiTConfig"):
             return _describe_dit(LatentDiTConfig.load(cfg_file), str(path))
         return _describe_autoencoder(DMVAEConfig.load(cfg_file), str(path))
-    raise ValueError(
-        f"{source!r} is neither a known preset/model ({', '.join(list_models())}) nor a config.json or a "
-        "directory holding one"
-    )
+    raise ValueError(f"{source!r} is neither a config.json nor a directory holding one")
 
 
 def _millions(n: int) -> str:
