@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -51,6 +52,7 @@ def class_structure(train: Tensor, train_labels: Tensor, held: Tensor, held_labe
                     probe: bool = True) -> dict[str, float]:
     """``knn_acc``, ``silhouette`` (sklearn, Euclidean) and, with ``probe``, ``probe_acc`` (a
     logistic regression on standardised training latents, scored on the held-out ones)."""
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import silhouette_score
 
@@ -59,7 +61,9 @@ def class_structure(train: Tensor, train_labels: Tensor, held: Tensor, held_labe
     if probe:
         a, b = train.flatten(1).double(), held.flatten(1).double()
         mu, sd = a.mean(0), a.std(0).clamp_min(1e-8)
-        clf = LogisticRegression(max_iter=300).fit(((a - mu) / sd).numpy(), train_labels.numpy())
+        with warnings.catch_warnings():  # a secondary figure: 300 lbfgs iterations, converged or not
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            clf = LogisticRegression(max_iter=300).fit(((a - mu) / sd).numpy(), train_labels.numpy())
         out["probe_acc"] = float(clf.score(((b - mu) / sd).numpy(), held_labels.numpy()))
     return out
 
