@@ -423,15 +423,10 @@ def _npz_keys(path: Path) -> set[str]:
         raise ValueError(f"{path} is not a readable .npz file: {e}") from e
 
 
-def compute_npz_stats(
-    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
-    *,
-    feature_extractor: FeatureExtractor | None = None,
-    inception_weights: str | os.PathLike[str] | None = None,
-    batch_size: int = 100,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-) -> FIDStats:
+def compute_npz_stats(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
+                      feature_extractor: FeatureExtractor | None = None,
+                      inception_weights: str | os.PathLike[str] | None = None, batch_size: int = 100,
+                      device: str | torch.device = "cpu", progress: bool = True) -> FIDStats:
     """FID statistics of the images in ADM ``.npz`` file(s), e.g. to cache a reference set
     (``compute_npz_stats(...).save("ref_stats.npz")``)."""
     path_list = [Path(paths)] if isinstance(paths, (str, os.PathLike)) else [Path(p) for p in paths]

@@ -137,20 +137,10 @@ def _check_sampler_knobs(sampler_kwargs: dict[str, Any]) -> None:
             check_finite(f"cfg_interval[{i}]", v)
 
 
-def sample_images(
-    dit: torch.nn.Module,
-    vae: Any,
-    labels: torch.Tensor | list[int] | None,
-    *,
-    seed: int = 0,
-    first_index: int = 0,
-    sde_seed: int | None = None,
-    num_images: int | None = None,
-    device: torch.device | str | None = None,
-    autocast_dtype: torch.dtype | None = None,
-    progress: bool = False,
-    **sampler_kwargs: Any,
-) -> np.ndarray:
+def sample_images(dit: torch.nn.Module, vae: Any, labels: torch.Tensor | list[int] | None, *, seed: int = 0,
+                  first_index: int = 0, sde_seed: int | None = None, num_images: int | None = None,
+                  device: torch.device | str | None = None, autocast_dtype: torch.dtype | None = None,
+                  progress: bool = False, **sampler_kwargs: Any) -> np.ndarray:
     """Sample and decode one batch; uint8 (B, H, W, 3).
 
     Args:
@@ -175,9 +165,7 @@ def sample_images(
         raise ValueError("sample_images needs the sampler's num_steps= (integration steps)")
     _check_sampler_knobs(sampler_kwargs)
     shape = _latent_shape(dit)
-    if device is None:
-        device = next(dit.parameters()).device
-    device = torch.device(device)
+    device = torch.device(device if device is not None else next(dit.parameters()).device)
     if labels is not None:
         labels = torch.as_tensor(labels, dtype=torch.long)
         n = labels.shape[0]
@@ -272,9 +260,7 @@ def generate_npz(
     labels_all = balanced_labels(num_classes, num_per_class)
     check_compatible(dit, vae, labels_all[:num_classes])
     total = len(labels_all)
-    if device is None:
-        device = next(dit.parameters()).device
-    device = torch.device(device)
+    device = torch.device(device if device is not None else next(dit.parameters()).device)
     fingerprint = {
         "num_classes": num_classes, "num_per_class": num_per_class, "seed": int(seed),
         "latent_shape": list(latent_shape), "dit": model_digest(dit), "vae": model_digest(vae),
