@@ -50,15 +50,8 @@ def _compile_kwargs(
     return kwargs
 
 
-def compile_module(
-    module: nn.Module,
-    *,
-    fullgraph: bool = True,
-    dynamic: bool | None = None,
-    mode: str | None = None,
-    backend: str = "inductor",
-    options: dict[str, Any] | None = None,
-) -> nn.Module:
+def compile_module(module: nn.Module, *, fullgraph: bool = True, dynamic: bool | None = None, mode: str | None = None,
+                   backend: str = "inductor", options: dict[str, Any] | None = None) -> nn.Module:
     """Compile ``module`` in place (``nn.Module.compile``, whatever ``compile`` the class defines);
     state-dict keys are unchanged."""
     nn.Module.compile(module, **_compile_kwargs(fullgraph=fullgraph, dynamic=dynamic, mode=mode, backend=backend,
@@ -66,16 +59,9 @@ def compile_module(
     return module
 
 
-def compile_repeated_blocks(
-    model: nn.Module,
-    block_types: type[nn.Module] | tuple[type[nn.Module], ...],
-    *,
-    fullgraph: bool = True,
-    dynamic: bool | None = None,
-    mode: str | None = None,
-    backend: str = "inductor",
-    options: dict[str, Any] | None = None,
-) -> list[nn.Module]:
+def compile_repeated_blocks(model: nn.Module, block_types: type[nn.Module] | tuple[type[nn.Module], ...], *,
+                            fullgraph: bool = True, dynamic: bool | None = None, mode: str | None = None,
+                            backend: str = "inductor", options: dict[str, Any] | None = None) -> list[nn.Module]:
     """Compile, in place, every submodule of ``model`` that is an instance of ``block_types``.
 
     Returns the compiled blocks. Raises ``ValueError`` if there is none (a silent no-op would look

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dmvae.checks import check_int, check_range
+
 __all__ = [
     "NLayerDiscriminator",
     "hinge_d_loss",
@@ -65,18 +67,12 @@ class NLayerDiscriminator(nn.Module):
             or "none". Convolutions followed by a norm carry no bias.
     """
 
-    def __init__(
-        self,
-        in_channels: int = 3,
-        ndf: int = 64,
-        n_layers: int = 3,
-        norm: Literal["batch", "group", "none"] = "batch",
-    ) -> None:
+    def __init__(self, in_channels: int = 3, ndf: int = 64, n_layers: int = 3,
+                 norm: Literal["batch", "group", "none"] = "batch") -> None:
         super().__init__()
         if norm not in ("batch", "group", "none"):
             raise ValueError(f"norm must be 'batch', 'group' or 'none', got {norm!r}")
-        if n_layers < 1:
-            raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+        n_layers = check_int("n_layers", n_layers, 1)
 
         def norm_layer(c: int) -> nn.Module:
             if norm == "batch":
@@ -145,15 +141,8 @@ def generator_loss(logits_fake: Tensor, kind: GANLossKind = "hinge") -> Tensor:
     raise ValueError(f"kind must be 'hinge' or 'non_saturating', got {kind!r}")
 
 
-def adaptive_generator_weight(
-    rec_loss: Tensor,
-    gan_loss: Tensor,
-    last_layer: Tensor,
-    *,
-    max_weight: float = 1e4,
-    eps: float = 1e-6,
-    sync: bool | None = None,
-) -> Tensor:
+def adaptive_generator_weight(rec_loss: Tensor, gan_loss: Tensor, last_layer: Tensor, *, max_weight: float = 1e4,
+                              eps: float = 1e-6, sync: bool | None = None) -> Tensor:
     """VQGAN adaptive weight: ||d rec/d W|| / (||d gan/d W|| + eps), clamped to [0, max_weight], detached.
 
     ``last_layer`` is the decoder's final weight (reference: ``decoder.conv_out.weight``; under DDP
@@ -213,9 +202,8 @@ class DiffAugment(nn.Module):
         self, translation: float = 0.125, cutout: float = 0.2, color: bool = True, prob: float = 1.0
     ) -> None:
         super().__init__()
-        if not 0.0 <= prob <= 1.0:
-            raise ValueError(f"prob must be in [0, 1], got {prob}")
-        self.translation, self.cutout, self.color, self.prob = translation, cutout, color, prob
+        self.translation, self.cutout, self.color = translation, cutout, color
+        self.prob = check_range("prob", prob, 0.0, 1.0)
 
     def extra_repr(self) -> str:
         return f"translation={self.translation}, cutout={self.cutout}, color={self.color}, prob={self.prob}"

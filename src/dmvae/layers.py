@@ -175,14 +175,8 @@ class Attention(nn.Module):
     (torch default eps 1e-5), mirroring the reference's choice of norm layer.
     """
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        qkv_bias: bool = True,
-        qk_norm: bool = False,
-        use_rmsnorm: bool = False,
-    ) -> None:
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, qk_norm: bool = False,
+                 use_rmsnorm: bool = False) -> None:
         super().__init__()
         if dim % num_heads != 0:
             raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dmvae.checks import check_range
+
 __all__ = ["ReconstructionLoss", "ReconstructionLossBreakdown"]
 
 
@@ -38,18 +40,12 @@ class ReconstructionLoss(nn.Module):
             ``lpips_weight > 0``.
     """
 
-    def __init__(
-        self,
-        l1_weight: float = 1.0,
-        l2_weight: float = 0.0,
-        lpips_weight: float = 1.0,
-        lpips: nn.Module | None = None,
-    ) -> None:
+    def __init__(self, l1_weight: float = 1.0, l2_weight: float = 0.0, lpips_weight: float = 1.0,
+                 lpips: nn.Module | None = None) -> None:
         super().__init__()
-        for name, w in (("l1_weight", l1_weight), ("l2_weight", l2_weight), ("lpips_weight", lpips_weight)):
-            if w < 0:
-                raise ValueError(f"{name} must be >= 0, got {w}")
-        self.l1_weight, self.l2_weight, self.lpips_weight = l1_weight, l2_weight, lpips_weight
+        self.l1_weight = check_range("l1_weight", l1_weight, 0.0)
+        self.l2_weight = check_range("l2_weight", l2_weight, 0.0)
+        self.lpips_weight = check_range("lpips_weight", lpips_weight, 0.0)
         if lpips is None and lpips_weight > 0:
             from dmvae.lpips import LPIPS
 
@@ -61,10 +57,8 @@ class ReconstructionLoss(nn.Module):
 
     def forward(self, reconstruction: Tensor, target: Tensor) -> tuple[Tensor, ReconstructionLossBreakdown]:
         if reconstruction.shape != target.shape:
-            raise ValueError(
-                f"reconstruction and target must have the same shape, got "
-                f"{tuple(reconstruction.shape)} and {tuple(target.shape)}"
-            )
+            shapes = f"{tuple(reconstruction.shape)} and {tuple(target.shape)}"
+            raise ValueError(f"reconstruction and target must have the same shape, got {shapes}")
         x_hat, x = reconstruction.float(), target.float()
         l1 = F.l1_loss(x_hat, x)
         l2 = F.mse_loss(x_hat, x)

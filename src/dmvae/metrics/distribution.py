@@ -55,14 +55,8 @@ def _block_sum(x, y, fn, block_size, dtype, exclude_diag=False) -> float:
     return float(total)
 
 
-def energy_distance(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    unbiased: bool = False,
-    block_size: int = 2048,
-    dtype: torch.dtype = torch.float64,
-) -> float:
+def energy_distance(x: torch.Tensor, y: torch.Tensor, *, unbiased: bool = False, block_size: int = 2048,
+                    dtype: torch.dtype = torch.float64) -> float:
     """Energy distance ``2 E|X - Y| - E|X - X'| - E|Y - Y'|`` (Szekely & Rizzo), >= 0.
 
     ``unbiased=False`` is the V-statistic (all pairs, the zero diagonal included), the figure the
@@ -141,16 +135,8 @@ def _quantiles(sorted_vals: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return sorted_vals[lo] * (1 - frac) + sorted_vals[hi] * frac
 
 
-def sliced_wasserstein(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    num_projections: int = 256,
-    p: float = 2.0,
-    seed: int = 0,
-    projection_block: int = 64,
-    num_quantiles: int | None = None,
-) -> float:
+def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, *, num_projections: int = 256, p: float = 2.0, seed: int = 0,
+                       projection_block: int = 64, num_quantiles: int | None = None) -> float:
     """Sliced p-Wasserstein distance ``(E_theta W_p^p(theta.x, theta.y))^(1/p)``.
 
     Directions theta are uniform on the sphere (seeded). Equal-size sets are matched by sorting;
