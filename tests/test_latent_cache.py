@@ -152,3 +152,14 @@ def test_cli_under_two_processes_then_one(vae: DMVAE, tmp_path: Path, capsys: py
     assert summary["status"] == "complete" and summary["num_shards"] == 4
     assert _rows(out).tolist() == list(range(7))  # no duplicate, no gap
     assert LatentDataset(out).num_classes == 2
+
+
+def test_caching_gives_the_model_back_in_its_own_mode(vae: DMVAE, tmp_path: Path) -> None:
+    """Encoding runs in eval mode; afterwards every submodule has its own training flag back."""
+    vae.train()
+    vae.encoder.eval()  # a frozen part stays frozen
+    try:
+        cache_latents(vae, _data(), tmp_path, image_size=SIZE, batch_size=4, shard_size=8, progress=False)
+        assert vae.training and vae.decoder.training and not vae.encoder.training
+    finally:
+        vae.eval()

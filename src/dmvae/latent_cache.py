@@ -63,8 +63,8 @@ __all__ = [
     "CACHE_FORMAT",
     "CacheInfo",
     "LatentDataset",
-    "check_cache_output",
     "cache_latents",
+    "check_cache_output",
     "encoder_hash",
     "read_cache_info",
     "verify_shard",
@@ -308,10 +308,10 @@ def cache_latents(
     shards (time-limited jobs; run again to continue). Returns the cache description (its
     ``complete`` flag says whether every shard exists and verifies).
     """
-    from dmvae._utils import unwrap_model
+    from dmvae._utils import eval_mode, unwrap_model
     from dmvae.training.data import file_list_digest, to_model_input
 
-    model = unwrap_model(vae).eval()
+    model = unwrap_model(vae)
     out = Path(out_dir)
     device = next(model.parameters()).device
     n = len(dataset)  # type: ignore[arg-type]
@@ -345,26 +345,27 @@ def cache_latents(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(mine) * world, desc="cache-latents (shards)", dynamic_ncols=True)
-    for k in mine:
-        lo, hi = info.shard_rows(k)
-        loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=batch_size, num_workers=num_workers,
-                            pin_memory=device.type == "cuda")
-        parts: dict[str, list[torch.Tensor]] = {"latents": [], "latents_flip": [], "labels": []}
-        for images, labels in loader:
-            x = to_model_input(images, device)
-            parts["latents"].append(model.encode(x, normalize=False, autocast=autocast).to(dtype).cpu())
-            parts["latents_flip"].append(
-                model.encode(torch.flip(x, dims=[-1]), normalize=False, autocast=autocast).to(dtype).cpu())
-            parts["labels"].append(torch.as_tensor(labels, dtype=torch.int64))
-        tensors = {k_: torch.cat(v) for k_, v in parts.items()}
-        tensors["index"] = torch.arange(lo, hi, dtype=torch.int64)
-        atomic_save_safetensors(tensors, info.shard_path(out, k),
-                                metadata={"format": CACHE_FORMAT, "encoder_hash": info.encoder_hash,
-                                          "files_digest": info.files_digest, "shard": str(k)})
-        if on_shard is not None:
-            on_shard(k)
-        if bar is not None:
-            bar.update(world)
+    with eval_mode(model):  # encoding in eval mode; the model is given back in its own mode
+        for k in mine:
+            lo, hi = info.shard_rows(k)
+            loader = DataLoader(Subset(dataset, range(lo, hi)), batch_size=batch_size, num_workers=num_workers,
+                                pin_memory=device.type == "cuda")
+            parts: dict[str, list[torch.Tensor]] = {"latents": [], "latents_flip": [], "labels": []}
+            for images, labels in loader:
+                x = to_model_input(images, device)
+                parts["latents"].append(model.encode(x, normalize=False, autocast=autocast).to(dtype).cpu())
+                parts["latents_flip"].append(
+                    model.encode(torch.flip(x, dims=[-1]), normalize=False, autocast=autocast).to(dtype).cpu())
+                parts["labels"].append(torch.as_tensor(labels, dtype=torch.int64))
+            tensors = {k_: torch.cat(v) for k_, v in parts.items()}
+            tensors["index"] = torch.arange(lo, hi, dtype=torch.int64)
+            atomic_save_safetensors(tensors, info.shard_path(out, k),
+                                    metadata={"format": CACHE_FORMAT, "encoder_hash": info.encoder_hash,
+                                              "files_digest": info.files_digest, "shard": str(k)})
+            if on_shard is not None:
+                on_shard(k)
+            if bar is not None:
+                bar.update(world)
     if bar is not None:
         bar.close()
     barrier()
