@@ -178,7 +178,7 @@ class TrainLoader:
     def check_state_dict(self, state: Any) -> None:
         """Raise ``ValueError`` unless ``state`` can be resumed here; changes nothing."""
         if not isinstance(state, dict):
-            raise ValueError(f"a loader state must be a dict, got {type(state).__name__}")
+            raise ValueError(f"a loader state must be a dict, got {type(state).__name__}")  # noqa: TRY004 - bad data
         missing = [k for k in ("epoch", "batch_in_epoch", "global_batch_size", "dataset_size", "seed")
                    if k not in state]
         if missing:
