@@ -7,6 +7,7 @@ Tests take these as fixtures (``def test_x(fixtures_dir, max_abs)``); a test nev
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 
 # Tests never touch the network: huggingface_hub reads this once, at import, so set it first.
@@ -40,18 +41,34 @@ def repo_root() -> Path:
     return REPO_ROOT
 
 
+def _load_script(path: Path, module_name: str):
+    """Import the script at ``path`` as a module named ``module_name``. Its folder is on ``sys.path``
+    while it runs, as when the script is started directly, so it can import its siblings (the
+    examples import ``_train_utils``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    folder = str(path.parent)
+    sys.path.insert(0, folder)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)  # the first occurrence: the one inserted here
+    return module
+
+
 @pytest.fixture(scope="session")
 def load_benchmark(repo_root):
     """``load_benchmark("gpu")`` imports ``benchmarks/gpu.py`` as a module (the scripts are not a package)."""
-    import importlib.util
+    return lambda name: _load_script(repo_root / "benchmarks" / f"{name}.py", f"dmvae_bench_{name}")
 
-    def load(name: str):
-        spec = importlib.util.spec_from_file_location(f"dmvae_bench_{name}", repo_root / "benchmarks" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
 
-    return load
+@pytest.fixture(scope="session")
+def load_example(repo_root):
+    """``load_example("train_tokenizer")`` imports ``examples/train_tokenizer.py`` as a module (the
+    examples are scripts, not a package; tests never put ``examples/`` on ``sys.path`` themselves)."""
+    return lambda name: _load_script(repo_root / "examples" / f"{name}.py", f"dmvae_example_{name}")
 
 
 @pytest.fixture(scope="session")

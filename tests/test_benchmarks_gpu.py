@@ -21,6 +21,7 @@ def test_peak_table(gpu_bench):
     assert gpu_bench.peak_bf16_tflops("Some Future GPU") is None
 
 
+@pytest.mark.slow  # runs every benchmark section end to end
 def test_dry_run_prints_every_section(gpu_bench, capsys):
     result = gpu_bench.main(["--dry-run", "--iters", "1"])
     printed = json.loads(capsys.readouterr().out)

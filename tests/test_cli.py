@@ -27,6 +27,7 @@ def test_help_lists_every_command(capsys) -> None:
         assert cmd in out
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_python_dash_m_entry_point() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "dmvae", "--version"], capture_output=True, text=True, check=True

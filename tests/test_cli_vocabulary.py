@@ -114,6 +114,7 @@ def test_default_worker_count_fits_the_machine() -> None:
     assert _subparsers()["eval-recon"].get_default("num_workers") == n
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_info_json_into_a_closed_pipe_has_no_traceback() -> None:
     """`dmvae info --json | head` must not end in a BrokenPipeError traceback."""
     proc = subprocess.Popen([sys.executable, "-m", "dmvae", "info", "LightningDiT-XL/1", "--json"],

@@ -3,7 +3,9 @@
 Graph breaks and recompilations are decided by TorchDynamo's tracing, whatever backend compiles
 the traced graph, so these tests trace with ``backend="eager"`` / ``"aot_eager"`` (seconds, no C++
 build). Inductor's numerics are checked against the fixtures by the parity tests with the switches
-on (tests/test_dit_parity.py, tests/test_autoencoder_parity.py).
+on (tests/test_dit_parity.py, tests/test_autoencoder_parity.py). Every test that traces is in the
+slow tier (seconds of TorchDynamo each); the helpers' argument checks and the decoder's memory-format
+switch are fast.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def _graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
+@pytest.mark.slow
 def test_dit_regional_compile_one_graph_for_all_blocks_no_break_no_recompile_over_t(dit):
     x = torch.randn(3, 8, 4, 4)
     y = torch.tensor([1, 2, 10])
@@ -64,6 +67,7 @@ def test_dit_regional_compile_one_graph_for_all_blocks_no_break_no_recompile_ove
         torch.testing.assert_close(g, e, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_recompile_guard_in_these_tests_can_fail(dit):
     """Negative control: with static shapes a new batch size must recompile, and the
     ``error_on_recompile`` patch used above must then raise."""
@@ -74,6 +78,7 @@ def test_recompile_guard_in_these_tests_can_fail(dit):
             dit(torch.randn(3, 8, 4, 4), torch.rand(3), torch.tensor([1, 2, 3]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,cfg", [("euler", 1.5), ("euler-maruyama", 4.0), ("heun", 1.0)])
 def test_sampling_with_compiled_model_compiles_once(dit, method, cfg):
     noise = torch.randn(2, 8, 4, 4)
@@ -88,6 +93,7 @@ def test_sampling_with_compiled_model_compiles_once(dit, method, cfg):
     torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_whole_model_compile_traces_without_breaks(dit):
     x, t, y = torch.randn(2, 8, 4, 4), torch.tensor([0.2, 0.7]), torch.tensor([4, 10])
     with torch.no_grad():
@@ -100,6 +106,7 @@ def test_whole_model_compile_traces_without_breaks(dit):
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_compiled_training_step_matches_eager(dit):
     """AOT autograd traces forward and backward of the block; gradients equal the eager ones."""
     ref = copy.deepcopy(dit).train()
@@ -118,6 +125,7 @@ def test_compiled_training_step_matches_eager(dit):
     assert counters["graph_break"] == {}
 
 
+@pytest.mark.slow
 def test_compiled_gradient_checkpointing(dit):
     model = dit.train().enable_gradient_checkpointing().compile(backend="aot_eager")
     out = model(torch.randn(2, 8, 4, 4), torch.rand(2), torch.tensor([1, 2]))
@@ -125,6 +133,7 @@ def test_compiled_gradient_checkpointing(dit):
     assert all(p.grad is not None for p in model.blocks.parameters() if p.requires_grad)
 
 
+@pytest.mark.slow
 def test_dmvae_compile_encoder_blocks_and_decoder_fullgraph():
     vae = DMVAE("dmvae-tiny").eval()
     x = torch.rand(2, 3, 64, 64) * 2 - 1
@@ -146,6 +155,7 @@ def test_dmvae_compile_encoder_blocks_and_decoder_fullgraph():
     torch.testing.assert_close(rec, rec_ref, rtol=0, atol=1e-4)  # NHWC summation order
 
 
+@pytest.mark.slow
 def test_dmvae_slicing_with_compiled_decoder_matches_whole_batch():
     vae = DMVAE("dmvae-tiny").eval().compile(backend="eager", encoder=False, channels_last=False)
     z = torch.randn(3, 8, 2, 2)

@@ -229,6 +229,7 @@ def test_forward_with_cfg_scale_one_and_odd_batch():
 # ---- compile, checkpointing -------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # torch.compile
 def test_block_compiles_without_graph_breaks():
     model = tiny()
     block = model.blocks[0]

@@ -179,6 +179,7 @@ print(float(m.layers[0].weight.sum()))
 """
 
 
+@pytest.mark.slow  # a fresh interpreter
 @pytest.mark.parametrize("layout", ["ours", "reference"])
 def test_offline_load_from_populated_hf_cache(tmp_path: Path, layout: str) -> None:
     model = TinyNet(TinyConfig())

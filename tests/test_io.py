@@ -110,6 +110,7 @@ print("SECONDS", time.perf_counter() - t)
 """
 
 
+@pytest.mark.slow  # a fresh interpreter
 @pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}],
                          ids=["offline", "unreachable-endpoint"])
 def test_missing_local_path_fails_fast_naming_both_places(tmp_path: Path, env: dict) -> None:

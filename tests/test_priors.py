@@ -261,6 +261,7 @@ def _tiny_dit(num_classes=1, dropout=0.1, hidden=32):
                                      num_heads=1, num_classes=num_classes, class_dropout_prob=dropout))
 
 
+@pytest.mark.slow  # trains a reference model
 def test_fit_reference_model_and_learned_prior():
     torch.manual_seed(0)
     target = GaussianPrior((2,), mean=torch.tensor([1.0, -0.5]), std=0.3)

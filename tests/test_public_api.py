@@ -21,6 +21,7 @@ def test_unknown_attribute_raises() -> None:
         dmvae.Nope  # noqa: B018
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_import_has_no_heavy_side_effects() -> None:
     code = "import sys, dmvae; print(sorted(m for m in ('torch', 'timm', 'huggingface_hub') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -23,6 +23,7 @@ def test_initial_points_match_reference_fixture(fixtures_dir):
     assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is untouched
 
 
+@pytest.mark.slow  # runs the demo end to end
 def test_demo_cli_reduced_steps_writes_json_png_points(tmp_path, capsys):
     out, js = tmp_path / "out", tmp_path / "fig.json"
     rc = main(["demo", "--steps", "60", "--teacher-steps", "150", "--seed", "1", "--quiet",
@@ -43,6 +44,7 @@ def test_demo_cli_reduced_steps_writes_json_png_points(tmp_path, capsys):
     assert rep["files"]["png"] == str(out / "demo.png")
 
 
+@pytest.mark.slow  # runs the demo end to end
 def test_demo_compare_json_to_stdout_and_compare_picture(tmp_path, capsys):
     from PIL import Image
 

@@ -232,6 +232,7 @@ ck.save_checkpoint(sys.argv[1], 5, model=nn.Linear(2, 2), save_rng=False)
 """
 
 
+@pytest.mark.slow  # a fresh interpreter that dies mid-save
 def test_crash_between_renames_keeps_the_step_and_the_next_save_restores_it(tmp_path) -> None:
     import subprocess
     import sys

@@ -7,25 +7,18 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-sys.path.insert(0, str(EXAMPLES))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _ddp import run_ranks
 
-import finetune_decoder  # noqa: E402
-import train_dmvae  # noqa: E402
-import train_latent_dit  # noqa: E402
-import train_reference  # noqa: E402
-import train_tokenizer  # noqa: E402
-from _ddp import run_ranks  # noqa: E402
+from dmvae.training import load_checkpoint
 
-from dmvae.training import load_checkpoint  # noqa: E402
+SCRIPTS = ("train_tokenizer", "train_latent_dit", "train_dmvae", "train_reference", "finetune_decoder")
 
-pytestmark = pytest.mark.slow  # runs the example scripts (tens of seconds on a 2-core CPU)
 
 TOK = ["--image-size", "32", "--batch-size", "4", "--lpips-weight", "0", "--lr", "2e-3", "--disc-lr", "2e-3",
        "--warmup", "2", "--ndf", "8", "--log-every", "1", "--stats-batches", "2", "--quiet"]  # fmt: skip
@@ -34,18 +27,24 @@ GAN_DDP = ["--disc-norm", "group", "--no-diffaug", "--bcr-weight", "0"]
 
 
 @pytest.fixture(scope="module")
-def stage1(tmp_path_factory) -> tuple[Path, dict]:
+def ex(load_example) -> SimpleNamespace:
+    """The example scripts as modules: ``ex.train_tokenizer.main([...])``."""
+    return SimpleNamespace(**{name: load_example(name) for name in SCRIPTS})
+
+
+@pytest.fixture(scope="module")
+def stage1(ex, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("stage1")
-    summary = train_tokenizer.main(["--out", str(out), "--steps", "10", "--disc-start", "6", "--ckpt-every", "5",
-                                    "--threads", "2", *TOK])  # fmt: skip
+    summary = ex.train_tokenizer.main(["--out", str(out), "--steps", "10", "--disc-start", "6", "--ckpt-every", "5",
+                                       "--threads", "2", *TOK])  # fmt: skip
     return out, summary
 
 
 @pytest.fixture(scope="module")
-def stage2(stage1, tmp_path_factory) -> Path:
+def stage2(ex, stage1, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("stage2")
-    train_latent_dit.main(["--vae", str(stage1[0] / "vae_ema"), "--out", str(out), "--steps", "3", "--batch-size", "4",
-                           "--quiet"])  # fmt: skip
+    ex.train_latent_dit.main(["--vae", str(stage1[0] / "vae_ema"), "--out", str(out), "--steps", "3",
+                              "--batch-size", "4", "--quiet"])  # fmt: skip
     return out / "dit_ema"
 
 
@@ -53,7 +52,8 @@ def _losses(history: list[dict], key: str) -> list[float]:
     return [h[key] for h in history]
 
 
-def test_tokenizer_trains_and_resumes_exactly_mid_epoch(stage1, tmp_path) -> None:
+@pytest.mark.slow
+def test_tokenizer_trains_and_resumes_exactly_mid_epoch(ex, stage1, tmp_path) -> None:
     out, full = stage1
     l1 = _losses(full["history"], "l1")
     assert sum(l1[:2]) / 2 > sum(l1[3:6]) / 3, l1  # reconstruction improves before the GAN starts
@@ -66,28 +66,30 @@ def test_tokenizer_trains_and_resumes_exactly_mid_epoch(stage1, tmp_path) -> Non
 
     # interrupted run: 5 steps (checkpoint at 5, inside the first epoch), then a new call resumes to 10
     part = tmp_path / "resume"
-    train_tokenizer.main(["--out", str(part), "--steps", "5", "--disc-start", "6", "--ckpt-every", "5", *TOK])
+    ex.train_tokenizer.main(["--out", str(part), "--steps", "5", "--disc-start", "6", "--ckpt-every", "5", *TOK])
     data_state = load_checkpoint(part / "checkpoints", restore_rng=False).state["data"]
     assert data_state["epoch"] == 0 and data_state["batch_in_epoch"] == 5  # mid-epoch (28 batches per epoch)
-    resumed = train_tokenizer.main(["--out", str(part), "--steps", "10", "--disc-start", "6", "--ckpt-every", "5", *TOK])
+    resumed = ex.train_tokenizer.main(["--out", str(part), "--steps", "10", "--disc-start", "6", "--ckpt-every", "5", *TOK])
     assert resumed["start_step"] == 5
     assert resumed["history"] == full["history"][5:]  # identical losses, GAN steps included
     a, b = load_file(str(out / "vae" / "model.safetensors")), load_file(str(part / "vae" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_latent_dit_resumes_across_epochs(stage1, tmp_path) -> None:
+@pytest.mark.slow
+def test_latent_dit_resumes_across_epochs(ex, stage1, tmp_path) -> None:
     vae = str(stage1[0] / "vae_ema")
     args = ["--vae", vae, "--batch-size", "16", "--log-every", "1", "--ckpt-every", "9", "--quiet"]
-    full = train_latent_dit.main(["--out", str(tmp_path / "a"), "--steps", "12", *args])  # 7 batches per epoch
-    train_latent_dit.main(["--out", str(tmp_path / "b"), "--steps", "9", *args])
+    full = ex.train_latent_dit.main(["--out", str(tmp_path / "a"), "--steps", "12", *args])  # 7 batches per epoch
+    ex.train_latent_dit.main(["--out", str(tmp_path / "b"), "--steps", "9", *args])
     state = load_checkpoint(tmp_path / "b" / "checkpoints", restore_rng=False).state["data"]
     assert (state["epoch"], state["batch_in_epoch"]) == (1, 2)  # 9 = 1 epoch + 2 batches
-    resumed = train_latent_dit.main(["--out", str(tmp_path / "b"), "--steps", "12", *args])
+    resumed = ex.train_latent_dit.main(["--out", str(tmp_path / "b"), "--steps", "12", *args])
     assert resumed["start_step"] == 9 and resumed["history"] == full["history"][9:]
 
 
-def test_latent_dit_from_the_cache(stage1, tmp_path, capsys) -> None:
+@pytest.mark.slow
+def test_latent_dit_from_the_cache(ex, stage1, tmp_path, capsys) -> None:
     from dmvae.autoencoder import DMVAE
     from dmvae.latent_cache import cache_latents
     from dmvae.training.data import SkimagePhotos, center_crop_transform
@@ -97,21 +99,22 @@ def test_latent_dit_from_the_cache(stage1, tmp_path, capsys) -> None:
                   shard_size=32, progress=False)  # fmt: skip
     args = ["--vae", str(stage1[0] / "vae_ema"), "--latents", str(tmp_path / "cache"), "--batch-size", "16",
             "--log-every", "1", "--quiet"]  # fmt: skip
-    run = train_latent_dit.main(["--out", str(tmp_path / "dit"), "--steps", "30", *args])
+    run = ex.train_latent_dit.main(["--out", str(tmp_path / "dit"), "--steps", "30", *args])
     loss = _losses(run["history"], "loss")
     assert sum(loss[:6]) / 6 > 1.1 * sum(loss[-6:]) / 6, loss  # training from the cache lowers the loss
     with pytest.raises(SystemExit):  # a cache of another tokenizer (the non-EMA weights) is refused
-        train_latent_dit.main(["--out", str(tmp_path / "x"), "--steps", "1",
-                               *[str(stage1[0] / "vae") if a.endswith("vae_ema") else a for a in args]])
+        ex.train_latent_dit.main(["--out", str(tmp_path / "x"), "--steps", "1",
+                                  *[str(stage1[0] / "vae") if a.endswith("vae_ema") else a for a in args]])
     assert "made by a different tokenizer than --vae" in capsys.readouterr().err
 
 
-def test_dmvae_stage3_and_finetune(stage1, stage2, tmp_path) -> None:
+@pytest.mark.slow
+def test_dmvae_stage3_and_finetune(ex, stage1, stage2, tmp_path) -> None:
     s1 = stage1[0]
     args = ["--vae", str(s1 / "vae_ema"), "--real", str(stage2), "--batch-size", "4", "--lpips-weight", "0",
             "--vae-every", "2", "--disc-start", "4", "--ndf", "8", "--lr", "2e-3", "--warmup", "1",
             "--log-every", "1", "--ckpt-every", "4", "--quiet"]  # fmt: skip
-    full = train_dmvae.main(["--out", str(tmp_path / "a"), "--steps", "8", *args])
+    full = ex.train_dmvae.main(["--out", str(tmp_path / "a"), "--steps", "8", *args])
     h = full["history"]
     assert [("rec" in x) for x in h] == [True, False] * 4  # VAE every 2nd step, fake every step
     assert h[0]["dm"] == 0.0  # fake == real at the start: no DM signal yet
@@ -119,14 +122,14 @@ def test_dmvae_stage3_and_finetune(stage1, stage2, tmp_path) -> None:
     assert "d_loss" not in h[2] and h[4]["d_loss"] > 0  # GAN from step 4; nothing logged for it before
     recs = [x["rec"] for x in h if "rec" in x]
     assert recs[0] > min(recs[1:]), recs
-    train_dmvae.main(["--out", str(tmp_path / "b"), "--steps", "4", *args])
-    resumed = train_dmvae.main(["--out", str(tmp_path / "b"), "--steps", "8", *args])
+    ex.train_dmvae.main(["--out", str(tmp_path / "b"), "--steps", "4", *args])
+    resumed = ex.train_dmvae.main(["--out", str(tmp_path / "b"), "--steps", "8", *args])
     assert resumed["start_step"] == 4 and resumed["history"] == h[4:]
 
     # stage 4: decoder fine-tuning moves only the decoder
     ft = tmp_path / "ft"
-    finetune_decoder.run(["--init", str(tmp_path / "a" / "vae"), "--out", str(ft), "--steps", "3", "--disc-start", "100",
-                          *TOK])  # fmt: skip
+    ex.finetune_decoder.run(["--init", str(tmp_path / "a" / "vae"), "--out", str(ft), "--steps", "3",
+                             "--disc-start", "100", *TOK])  # fmt: skip
     before = load_file(str(tmp_path / "a" / "vae" / "model.safetensors"))
     after = load_file(str(ft / "vae" / "model.safetensors"))
     changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
@@ -179,35 +182,36 @@ def _assert_same_first_adam_step(one: Path, two: Path) -> None:
         assert excess < 1e-6, (name, excess)
 
 
+@pytest.mark.slow  # 2 processes per stage
 @pytest.mark.parametrize("stage", [
     "stage1",
     "stage3",
     "stage5",
 ])
-def test_two_ddp_processes_match_one(stage, stage1, stage2, tmp_path) -> None:
+def test_two_ddp_processes_match_one(ex, repo_root, stage, stage1, stage2, tmp_path) -> None:
     """torchrun-style 2 x batch 2 (gloo, DDP) gives the losses and weights of 1 x batch 4 (2 steps, GAN on at step 1)."""
     vae = str(stage1[0] / "vae_ema")
     if stage == "stage1":  # the GAN (and its adaptive weight on the global batch) is on at step 1
-        script, module = "train_tokenizer.py", train_tokenizer.main
+        script, module = "train_tokenizer.py", ex.train_tokenizer.main
         common = ["--steps", "2", "--disc-start", "1", *GAN_DDP, *TOK]
         files = ["vae/model.safetensors"]
     elif stage == "stage3":  # one step: VAE turn with DM + GAN (+ D step), then the fake model
         # (after one step the optimiser's first moments are the gradients, so they can be compared
         # directly; from step 2 on, Adam's sign-like first update of rounding-level gradients, see
         # _assert_same_first_adam_step, leaves lr-sized weight differences that every later loss sees)
-        script, module = "train_dmvae.py", train_dmvae.main
+        script, module = "train_dmvae.py", ex.train_dmvae.main
         common = ["--vae", vae, "--real", str(stage2), "--steps", "1", "--vae-every", "1", "--disc-start", "0",
                   "--lpips-weight", "0", "--ndf", "8", "--lr", "2e-3", "--warmup", "1", "--batch-size", "4",
                   "--log-every", "1", "--quiet", *GAN_DDP]  # fmt: skip
         files = ["vae/model.safetensors", "fake/model.safetensors"]
     else:  # LatentDiT with label dropout, noise and times drawn for the global batch
-        script, module = "train_latent_dit.py", train_latent_dit.main
+        script, module = "train_latent_dit.py", ex.train_latent_dit.main
         common = ["--vae", vae, "--steps", "2", "--batch-size", "4", "--log-every", "1", "--quiet"]
         files = ["dit/model.safetensors"]
     one = module(["--out", str(tmp_path / "one"), *common])
     if stage != "stage5":
         assert one["history"][-1]["gan_weight"] > 0  # the GAN term is on
-    two = [sys.executable, str(EXAMPLES / script), "--out", str(tmp_path / "two"), *common]
+    two = [sys.executable, str(repo_root / "examples" / script), "--out", str(tmp_path / "two"), *common]
     two[two.index("--batch-size") + 1] = "2"
     run_ranks(two, world_size=2)
     two_summary = json.loads((tmp_path / "two" / "summary.json").read_text())
@@ -225,24 +229,21 @@ def test_two_ddp_processes_match_one(stage, stage1, stage2, tmp_path) -> None:
             _assert_same_weights(tmp_path / "one" / f, tmp_path / "two" / f)
 
 
-def test_help_and_one_line_user_errors(tmp_path, capsys) -> None:
-    for mod, prog, title in ((finetune_decoder.run, "finetune_decoder.py", "Stage 4"),
-                             (train_reference.main, "train_reference.py", "Stage 2")):  # fmt: skip
+def test_help_and_one_line_user_errors(ex, tmp_path, capsys) -> None:
+    for mod, prog, title in ((ex.finetune_decoder.run, "finetune_decoder.py", "Stage 4"),
+                             (ex.train_reference.main, "train_reference.py", "Stage 2")):  # fmt: skip
         with pytest.raises(SystemExit) as e:
             mod(["--help"])
         assert e.value.code == 0
         text = capsys.readouterr().out
         assert text.startswith(f"usage: {prog}") and title in text and "(default: 300)" in text
-    res = subprocess.run([sys.executable, str(EXAMPLES / "finetune_decoder.py"), "--help"], capture_output=True,
-                         text=True)  # fmt: skip
-    assert res.returncode == 0 and "--freeze-bottleneck" in res.stdout
 
     cases = [
-        (train_tokenizer.main, ["--out", str(tmp_path / "a"), "--data", str(tmp_path / "nope")], "--data"),
-        (train_tokenizer.main, ["--out", str(tmp_path / "b"), "--lpips-weights", str(tmp_path / "no.safetensors")],
+        (ex.train_tokenizer.main, ["--out", str(tmp_path / "a"), "--data", str(tmp_path / "nope")], "--data"),
+        (ex.train_tokenizer.main, ["--out", str(tmp_path / "b"), "--lpips-weights", str(tmp_path / "no.safetensors")],
          "--lpips-weight 0"),
-        (finetune_decoder.run, ["--out", str(tmp_path / "c")], "--init"),
-        (train_latent_dit.main, ["--out", str(tmp_path / "d"), "--vae", str(tmp_path / "runs" / "missing" / "vae")],
+        (ex.finetune_decoder.run, ["--out", str(tmp_path / "c")], "--init"),
+        (ex.train_latent_dit.main, ["--out", str(tmp_path / "d"), "--vae", str(tmp_path / "runs" / "missing" / "vae")],
          "--vae"),
     ]  # fmt: skip
     for fn, argv, hint in cases:
@@ -251,3 +252,10 @@ def test_help_and_one_line_user_errors(tmp_path, capsys) -> None:
         assert e.value.code == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and hint in err and "Traceback" not in err, err
+
+
+@pytest.mark.slow  # a fresh interpreter
+def test_example_runs_as_a_script(repo_root) -> None:
+    res = subprocess.run([sys.executable, str(repo_root / "examples" / "finetune_decoder.py"), "--help"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert res.returncode == 0 and "--freeze-bottleneck" in res.stdout
