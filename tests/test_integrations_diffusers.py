@@ -349,6 +349,25 @@ def test_pipeline_matches_dmvae_sampler(integ, dit: LatentDiT, vae: DMVAE, kw: d
     torch.testing.assert_close(images, expected, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_pipeline_with_diffusers_flow_match_scheduler(integ, dit: LatentDiT, vae: DMVAE, shift: float) -> None:
+    """diffusers' own FlowMatchEulerDiscreteScheduler (sigma = 1 - t, velocity -v) in place of
+    dmvae's: the same ODE on the same grid."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe = integ.DMVAEPipeline.from_dmvae(dit, vae)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    pipe.set_progress_bar_config(disable=True)
+    noise = torch.randn(2, 8, 2, 2, generator=torch.Generator().manual_seed(8))
+    images = pipe([6, 2], num_inference_steps=5, guidance_scale=2.0, cfg_interval=(0.2, 1.0), latents=noise,
+                  output_type="pt").images
+    expected = _reference(dit, vae, noise, [6, 2], 5, cfg_scale=2.0, cfg_interval=(0.2, 1.0), time_shift=shift)
+    torch.testing.assert_close(images, expected, atol=1e-4, rtol=0)
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    with pytest.raises(ValueError, match="use_dynamic_shifting"):
+        pipe([6], num_inference_steps=2)
+
+
 def test_pipeline_guidance_changes_the_images(integ, dit: LatentDiT, vae: DMVAE) -> None:
     """The comparison above is not vacuous: guidance and labels move the output."""
     pipe = integ.DMVAEPipeline.from_dmvae(dit, vae)

@@ -4,11 +4,16 @@
     images = pipe(class_labels=[207, 360], num_inference_steps=50).images
 
 The loop: noise ``x`` at t = 0 (or ``latents=``), then for each time t_k of the scheduler the
-(guided) velocity of the transformer and one :class:`DMVAEEulerScheduler` step, up to t = 1; the
-normalised latents are mapped back to raw ones with the autoencoder's ``shift_factor`` /
-``scaling_factor`` and decoded. With the same noise, labels, steps, guidance and time shift it
-computes what ``dmvae.samplers.sample(..., method="euler")`` followed by
-``DMVAE.decode(normalize=True)`` computes.
+(guided) velocity of the transformer and one scheduler step, up to t = 1; the normalised latents
+are mapped back to raw ones with the autoencoder's ``shift_factor`` / ``scaling_factor`` and
+decoded. With the same noise, labels, steps, guidance and time shift it computes what
+``dmvae.samplers.sample(..., method="euler")`` followed by ``DMVAE.decode(normalize=True)``
+computes.
+
+Two schedulers are understood: :class:`DMVAEEulerScheduler` (dmvae's time t, noise -> data) and
+diffusers' ``FlowMatchEulerDiscreteScheduler`` with a plain (optionally shifted) grid, whose sigma
+runs the other way: the pipeline gives it ``sigmas = 1 - t`` and the velocity ``-v``, so both
+integrate the same ODE on the same grid.
 """
 
 from __future__ import annotations
@@ -16,8 +21,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers import (
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    ImagePipelineOutput,
+)
 from diffusers.utils.torch_utils import randn_tensor
 
 from dmvae.autoencoder import DMVAE
@@ -26,16 +36,22 @@ from dmvae.image import tensor_to_pil
 from dmvae.integrations.diffusers.autoencoder import AutoencoderDMVAE
 from dmvae.integrations.diffusers.scheduler import DMVAEEulerScheduler
 from dmvae.integrations.diffusers.transformer import DMVAETransformer2DModel
+from dmvae.samplers import time_grid
 from dmvae.transport import _check_interval, apply_guidance
 
 __all__ = ["DMVAEPipeline"]
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# FlowMatchEulerDiscreteScheduler options that change its grid or its step away from the plain
+# shifted Euler grid (off by default; older diffusers lack some of them).
+_FLOW_MATCH_OPTIONS = ("use_dynamic_shifting", "shift_terminal", "use_karras_sigmas",
+                       "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas", "stochastic_sampling")
 
 
 class DMVAEPipeline(DiffusionPipeline):
     """Class-to-image generation: a :class:`DMVAETransformer2DModel` over normalised DMVAE latents,
-    a :class:`DMVAEEulerScheduler` and an :class:`AutoencoderDMVAE`.
+    a :class:`DMVAEEulerScheduler` (or diffusers' ``FlowMatchEulerDiscreteScheduler``, see the
+    module docstring) and an :class:`AutoencoderDMVAE`.
 
     Save and load the whole pipeline with ``save_pretrained`` / ``DMVAEPipeline.from_pretrained``
     (one folder per component plus ``model_index.json``; every model loads strictly).
@@ -47,16 +63,17 @@ class DMVAEPipeline(DiffusionPipeline):
         self,
         transformer: DMVAETransformer2DModel,
         vae: AutoencoderDMVAE,
-        scheduler: DMVAEEulerScheduler,
+        scheduler: DMVAEEulerScheduler | FlowMatchEulerDiscreteScheduler,
     ) -> None:
         super().__init__()
-        for name, value, kind in (
-            ("transformer", transformer, DMVAETransformer2DModel),
-            ("vae", vae, AutoencoderDMVAE),
-            ("scheduler", scheduler, DMVAEEulerScheduler),
+        for name, value, kinds in (
+            ("transformer", transformer, (DMVAETransformer2DModel,)),
+            ("vae", vae, (AutoencoderDMVAE,)),
+            ("scheduler", scheduler, (DMVAEEulerScheduler, FlowMatchEulerDiscreteScheduler)),
         ):
-            if not isinstance(value, kind):
-                raise TypeError(f"DMVAEPipeline: {name} must be a {kind.__name__}, got {type(value).__name__}")
+            if not isinstance(value, kinds):
+                names = " or ".join(k.__name__ for k in kinds)
+                raise TypeError(f"DMVAEPipeline: {name} must be a {names}, got {type(value).__name__}")
         if transformer.config.in_channels != vae.config.z_channels:
             raise ValueError(
                 f"the transformer takes {transformer.config.in_channels} latent channels but the "
@@ -89,6 +106,33 @@ class DMVAEPipeline(DiffusionPipeline):
         if bool(((labels < 0) | (labels >= n)).any()):
             raise ValueError(f"class_labels must lie in [0, {n - 1}], got {labels.tolist()}")
         return labels.long()
+
+    def _set_timesteps(self, num_inference_steps: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(the scheduler's timesteps, dmvae's time t at each, the sign of the velocity it takes)."""
+        scheduler = self.scheduler  # checked here too: pipe.scheduler = ... replaces it
+        if isinstance(scheduler, DMVAEEulerScheduler):
+            scheduler.set_timesteps(num_inference_steps, device=device)
+            return scheduler.timesteps, scheduler.timesteps, 1
+        if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+            raise TypeError(
+                "DMVAEPipeline needs a DMVAEEulerScheduler or a FlowMatchEulerDiscreteScheduler, got "
+                f"{type(scheduler).__name__}"
+            )
+        changed = [f"{k}={getattr(scheduler.config, k)!r}" for k in _FLOW_MATCH_OPTIONS
+                   if getattr(scheduler.config, k, None)]
+        if changed:
+            raise ValueError(
+                "DMVAEPipeline integrates dmvae's Euler ODE on a plain (shifted) grid; this "
+                f"FlowMatchEulerDiscreteScheduler sets {', '.join(changed)}"
+            )
+        # diffusers' flow matching: sigma = 1 - t (noise at sigma = 1), velocity noise - data = -v;
+        # the unshifted grid 1 - linspace(0, 1), shifted by the scheduler's own `shift`
+        # (the same map as dmvae.transport.shift_time).
+        time_grid(num_inference_steps)  # the same check of num_inference_steps
+        # (a float32 numpy array: what every diffusers version takes for custom sigmas)
+        sigmas = 1.0 - np.linspace(0.0, 1.0, num_inference_steps + 1, dtype=np.float32)[:-1]
+        scheduler.set_timesteps(sigmas=sigmas, device=device)
+        return scheduler.timesteps, 1.0 - scheduler.sigmas[:-1], -1
 
     @torch.no_grad()
     def __call__(
@@ -145,10 +189,10 @@ class DMVAEPipeline(DiffusionPipeline):
         if guided:
             labels_cfg = torch.cat([labels, torch.full_like(labels, transformer.null_class)])  # (2B,)
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        timesteps = self.scheduler.timesteps
-        times = timesteps.tolist()  # on the host once: the interval test needs no sync per step
-        for k, t in enumerate(self.progress_bar(timesteps)):
+        timesteps, model_times, sign = self._set_timesteps(num_inference_steps, device)
+        times = model_times.tolist()  # on the host once: the interval test needs no sync per step
+        for k, timestep in enumerate(self.progress_bar(timesteps)):
+            t = model_times[k]  # dmvae's time: 0 noise, 1 data
             x_in = x.to(transformer.dtype)
             if guided and lo <= times[k] <= hi:
                 # conditional and unconditional rows in one forward of the doubled batch
@@ -158,7 +202,7 @@ class DMVAEPipeline(DiffusionPipeline):
                 v, _ = apply_guidance(cond, uncond, guidance_scale, guidance_channels=guidance_channels)
             else:
                 v = transformer(x_in, t.expand(b), labels, check_values=False).to(x.dtype)
-            x = self.scheduler.step(v, t, x).prev_sample
+            x = self.scheduler.step(v if sign > 0 else -v, timestep, x).prev_sample
 
         if output_type == "latent":
             images: object = x
