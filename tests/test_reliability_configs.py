@@ -75,6 +75,22 @@ def test_an_oversized_config_json_is_refused_after_a_bounded_build(dit_dir: Path
     assert built <= 6 * normal + 2000, (built, normal)  # bounded by the weights, not by the config
 
 
+@pytest.mark.parametrize(("field", "factor"), [("decoder_num_res_blocks", 1000), ("decoder_channels", 100),
+                                               ("z_channels", 10**4)])
+def test_an_oversized_autoencoder_config_is_refused_after_a_bounded_build(tmp_path: Path, field: str,
+                                                                          factor: int) -> None:
+    from dmvae.autoencoder import DMVAE, DMVAEConfig
+
+    DMVAE(DMVAEConfig.from_preset("dmvae-tiny", image_size=32)).save_pretrained(tmp_path)
+    normal, _ = _count_modules(lambda: DMVAE.from_pretrained(tmp_path))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg[field] *= factor
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    built, err = _count_modules(lambda: DMVAE.from_pretrained(tmp_path))
+    assert isinstance(err, ValueError) and "model.safetensors" in str(err), err
+    assert built <= 6 * normal + 2000, (built, normal)
+
+
 def _preset(**overrides):
     cfg = LatentDiT.config_class.from_preset(DIT)
     return cfg.replace(**overrides) if overrides else cfg

@@ -157,18 +157,18 @@ def build_limits(max_parameters: int, max_modules: int, what: str) -> Iterator[N
 
     count = {"elements": 0, "modules": 0}
 
-    def on_tensor(_module: nn.Module, name: str, value: Any) -> None:
+    def on_tensor(module: nn.Module, name: str, value: Any) -> None:
         if isinstance(value, torch.Tensor):
             count["elements"] += value.numel()
             if count["elements"] > max_parameters:
                 raise ConfigTooLargeError(f"the configuration builds more than {max_parameters:,} parameters "
-                                          f"(stopped at {name!r}); {what}")
+                                          f"(stopped at {type(module).__name__}.{name}); {what}")
 
-    def on_module(_module: nn.Module, name: str, _sub: Any) -> None:
+    def on_module(module: nn.Module, name: str, _sub: Any) -> None:
         count["modules"] += 1
         if count["modules"] > max_modules:
             raise ConfigTooLargeError(f"the configuration builds more than {max_modules:,} modules "
-                                      f"(stopped at {name!r}); {what}")
+                                      f"(stopped at {type(module).__name__}.{name}); {what}")
 
     handles = [module_hooks.register_module_parameter_registration_hook(on_tensor),
                module_hooks.register_module_buffer_registration_hook(on_tensor),
