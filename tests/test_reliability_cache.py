@@ -220,6 +220,10 @@ def test_damaged_shards_are_found_on_read_and_re_encoded_on_resume(vae, tmp_path
             again = _cache(vae, data, out)
         assert again.complete and info_equal(tmp_path / "ref", out, 1), what  # the same tensors again
     LatentDataset(out)[5]  # and reads again
+    opened = LatentDataset(out)
+    shard.write_bytes(good[: len(good) // 2])  # damaged while a training run has the cache open
+    with pytest.raises(ValueError, match=rf"shard {shard}.*re-encode"):
+        opened[2]
 
 
 def test_a_shard_of_another_tokenizer_or_position_is_refused(vae, tmp_path: Path) -> None:

@@ -447,7 +447,18 @@ class LatentDataset(Dataset):
         if k not in self._handles:
             from safetensors import safe_open
 
-            self._handles[k] = safe_open(str(self.info.shard_path(self.directory, k)), framework="pt")
+            from safetensors import SafetensorError
+
+            path = self.info.shard_path(self.directory, k)
+            why = verify_shard(self.directory, self.info, k)  # it may have changed since the cache was opened
+            try:
+                if why is None:
+                    self._handles[k] = safe_open(str(path), framework="pt")
+            except (SafetensorError, OSError) as e:
+                why = f"cannot be read ({e})"
+            if why is not None:
+                raise ValueError(f"latent cache shard {path} {why}; run dmvae cache-latents again with the same "
+                                 "arguments to re-encode it")
         return self._handles[k]
 
     def __getitem__(self, key: Key) -> tuple[torch.Tensor, int]:
