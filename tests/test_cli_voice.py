@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import sys
 import warnings
 from pathlib import Path
 
@@ -21,22 +20,14 @@ import dmvae
 from dmvae.cli import _in_flag_names, _LineStream, build_parser, main
 from dmvae.cli._common import HelpFormatter, apply_threads, default_threads
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
     action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     return dict(action.choices)
 
 
-def _example_parsers() -> dict[str, argparse.ArgumentParser]:
-    sys.path.insert(0, str(EXAMPLES))
-    import train_dmvae
-    import train_latent_dit
-    import train_tokenizer
-
-    return {"train_tokenizer": train_tokenizer.build_parser(), "train_latent_dit": train_latent_dit.build_parser(),
-            "train_dmvae": train_dmvae.build_parser()}
+@pytest.fixture(scope="module")
+def example_parsers(load_example) -> dict[str, argparse.ArgumentParser]:
+    return {name: load_example(name).build_parser() for name in ("train_tokenizer", "train_latent_dit", "train_dmvae")}
 
 
 def _visible(p: argparse.ArgumentParser) -> list[argparse.Action]:
@@ -61,8 +52,8 @@ def threads_restored():
 
 
 @pytest.mark.parametrize("family", ["cli", "examples"])
-def test_help_shows_only_meaningful_defaults(family: str) -> None:
-    parsers = _subparsers() if family == "cli" else _example_parsers()
+def test_help_shows_only_meaningful_defaults(family: str, example_parsers) -> None:
+    parsers = _subparsers() if family == "cli" else example_parsers
     for name, p in parsers.items():
         assert p.formatter_class is HelpFormatter, name  # one formatter for the CLI and the examples
         formatter = p._get_formatter()
@@ -86,14 +77,14 @@ def test_required_options_are_required() -> None:
     assert next(a for a in commands["convert"]._actions if "--config" in a.option_strings).required
 
 
-def test_every_command_that_computes_has_threads_and_json() -> None:
+def test_every_command_that_computes_has_threads_and_json(example_parsers) -> None:
     for name, p in _subparsers().items():
         opts = {o for a in _visible(p) for o in a.option_strings}
         if "--device" in opts or name == "demo":
             assert "--threads" in opts, name
         if name != "cache-latents":  # its output is the cache command's (another issue): a JSON line today
             assert "--json" in opts, name
-    for name, p in _example_parsers().items():
+    for name, p in example_parsers.items():
         assert "--threads" in {o for a in _visible(p) for o in a.option_strings}, name
 
 
