@@ -173,18 +173,13 @@ def test_bad_arguments():
 
 
 @pytest.mark.slow  # runs stages 1, 2 and twice stage 3 of the examples (about a minute on 2 CPU cores)
-def test_stage3_health_tells_a_drifting_fake_from_a_healthy_one(tmp_path, capsys):
+def test_stage3_health_tells_a_drifting_fake_from_a_healthy_one(tmp_path, capsys, load_example):
     """A short real stage 3 (examples/train_dmvae.py) twice on 4 training photos: the fake at lr 1e-5
     (stays the teacher's copy, as q = p_r asks) and at lr 1e-2 (drifts); the autoencoder at lr 1e-5."""
     import json
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-    import train_dmvae
-    import train_reference
-    import train_tokenizer
-
+    train_dmvae, train_reference, train_tokenizer = (
+        load_example(name) for name in ("train_dmvae", "train_reference", "train_tokenizer"))
     from dmvae.training.data import SKIMAGE_PHOTOS, _skimage_photo
 
     for folder, names in (("train", SKIMAGE_PHOTOS[:4]), ("val", SKIMAGE_PHOTOS[4:])):

@@ -133,6 +133,9 @@ def test_transforms() -> None:
 
     assert torch.equal(c, torch.from_numpy(np.array(center_crop_arr(img, 64))).permute(2, 0, 1))
     assert torch.equal(center_crop_transform(64, hflip=True)(img), c.flip(-1))
+    import pickle  # DataLoader workers receive the transform pickled
+
+    assert torch.equal(pickle.loads(pickle.dumps(center_crop_transform(64)))(img), c)
     x = to_model_input(c[None])
     assert x.dtype == torch.float32 and x.min() >= -1 and x.max() <= 1
     assert torch.equal(x, c[None].float() / 127.5 - 1)
@@ -180,7 +183,7 @@ def test_sampler_epochs_shards_and_world_size_invariance() -> None:
     assert single.epoch == 2 and single.batch_in_epoch == 2
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])  # 2: worker processes
 def test_loader_resumes_mid_epoch_exactly(workers: int) -> None:
     ds = SkimagePhotos(train_transform(16), repeats=2)  # 14 samples, batch 3: 4 steps per epoch
     full = TrainLoader(ds, 3, seed=5, num_workers=workers)
