@@ -214,7 +214,8 @@ def _png() -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("layout", ["all-empty", "one-empty", "missing", "no-image", "no-label", "bad-label"])
+@pytest.mark.parametrize("layout", ["all-empty", "one-empty", "missing", "no-image", "no-label", "bad-label",
+                                    "bad-image"])
 def test_shard_loader_over_bad_shards_ends_with_an_error_naming_them(tmp_path: Path, layout: str) -> None:
     pytest.importorskip("webdataset")
     from dmvae.training.data import train_transform
@@ -228,6 +229,7 @@ def test_shard_loader_over_bad_shards_ends_with_an_error_naming_them(tmp_path: P
         "no-image": [{"a.txt": b"x", "a.cls": b"1"}],
         "no-label": [{"a.png": _png()}],
         "bad-label": [{"a.png": _png(), "a.cls": b"cat"}],
+        "bad-image": [{"a.png": _png()[:30], "a.cls": b"1"}],
     }[layout]
     paths = []
     for i, members in enumerate(shards):

@@ -117,8 +117,8 @@ class _SamplesOrFail:
                                  + (" ..." if len(names) > 3 else "") + "): the shards are empty; check --data")
 
 
-def _pick(sample: dict[str, Any]) -> tuple[bytes, int]:
-    """(image bytes, label) of a sample; a missing part is an error naming the shard and the key."""
+def _pick(sample: dict[str, Any]) -> tuple[bytes, int, str]:
+    """(image bytes, label, where) of a sample; a missing part is an error naming the shard and the key."""
     image = next((sample[k] for k in IMAGE_KEYS.split(";") if k in sample), None)
     where = f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')!r}"
     if image is None:
@@ -126,15 +126,18 @@ def _pick(sample: dict[str, Any]) -> tuple[bytes, int]:
     if "cls" not in sample:
         raise ValueError(f"{where} has no .cls label file")
     try:
-        return image, int(sample["cls"])
+        return image, int(sample["cls"]), where
     except ValueError:
         raise ValueError(f"{where}: the .cls file must hold an integer, got {sample['cls'][:20]!r}") from None
 
 
-def _decode(data: bytes) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        return pil_to_rgb(img)
+def _decode(data: bytes, where: str = "tar sample") -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return pil_to_rgb(img)
+    except (OSError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{where}: the image cannot be decoded ({e})") from e
 
 
 class ShardLoader:
@@ -164,7 +167,7 @@ class ShardLoader:
             _SamplesOrFail(10 * len(self.shards) + 10),
             wds.shuffle(shuffle_buffer, rng=random.Random(seed * 7919 + rank)),
             wds.map(_pick),  # raw bytes: decoded here, every PIL mode by bit depth
-            wds.map_tuple(lambda data: transform(_decode(data)), int),
+            wds.map(lambda s: (transform(_decode(s[0], s[2])), s[1])),
             wds.batched(batch_size, partial=False),
         )
         self.loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
