@@ -119,12 +119,12 @@ def test_read_only_directory_is_refused_before_the_work(classes, tmp_path, no_mo
 
 
 def test_full_disk_during_the_write_is_one_line_naming_the_file(classes, tiny, tmp_path, monkeypatch, capsys):
-    from dmvae import files as _io
+    from dmvae import latent_files
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")  # no file name, like a failing write()
 
-    monkeypatch.setattr(_io, "atomic_save_safetensors", full)
+    monkeypatch.setattr(latent_files, "atomic_save_safetensors", full)  # the latents file's writer
     out = tmp_path / "z.safetensors"
     assert _run("encode", str(classes), "-o", str(out), "--model", str(tiny), "--image-size", "32") == 1
     err = capsys.readouterr().err

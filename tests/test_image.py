@@ -167,3 +167,26 @@ def test_one_float_to_uint8() -> None:
     assert np.array_equal(to_uint8(x).permute(0, 2, 3, 1).numpy(), to_uint8_numpy(x))
     with pytest.raises(ValueError, match="NaN"):
         to_uint8(torch.full((1, 3, 2, 2), float("nan")))
+
+
+def test_save_image_is_atomic_and_takes_the_format_from_the_suffix(tmp_path) -> None:
+    from dmvae.image import save_image
+
+    arr = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    png = save_image(arr, tmp_path / "a.png")
+    assert np.array_equal(np.asarray(Image.open(png)), arr)
+    save_image(Image.fromarray(arr), tmp_path / "a.jpg")
+    assert Image.open(tmp_path / "a.jpg").format == "JPEG"
+    with pytest.raises(FileExistsError, match="a.png exists"):
+        save_image(arr, png, overwrite=False)
+    with pytest.raises(ValueError, match="cannot tell the image format"):
+        save_image(arr, tmp_path / "a.unknown")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jpg", "a.png"]  # no temporary left
+
+
+def test_the_one_adm_crop_reads_any_mode() -> None:
+    from dmvae.image import pil_to_rgb
+
+    rgba = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 70, 4), dtype=np.uint8), "RGBA")
+    assert np.array_equal(np.asarray(center_crop_arr(rgba, 32)), np.asarray(center_crop_arr(pil_to_rgb(rgba), 32)))
+    assert center_crop_arr(rgba.convert("L"), 32).mode == "RGB"

@@ -29,7 +29,6 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "TRANSPARENCY_BACKGROUND",
     "ImageFolderDataset",
-    "center_crop_adm",
     "center_crop_arr",
     "folder_class_labels",
     "list_images",
@@ -38,6 +37,7 @@ __all__ = [
     "pil_to_rgb",
     "pil_to_tensor",
     "resize_center_crop",
+    "save_image",
     "save_image_grid",
     "tensor_to_pil",
     "to_uint8",
@@ -153,12 +153,16 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
 
 
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
-    """ADM's centre crop: halve with BOX filtering while the short side is >= 2 * image_size,
-    BICUBIC-resize so the short side equals ``image_size``, then crop the centre square."""
+    """ADM's centre crop, the one in dmvae: halve with BOX filtering while the short side is
+    >= 2 * image_size, BICUBIC-resize so the short side equals ``image_size``, then crop the
+    centre square. Any PIL mode is read as 8-bit RGB first (:func:`pil_to_rgb`). The standard crop
+    for ImageNet rFID and the ADM reference batches; as a transform,
+    ``functools.partial(center_crop_arr, image_size=S)``."""
     if not isinstance(pil_image, Image.Image):
         raise TypeError(f"expected a PIL image, got {type(pil_image).__name__}")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    pil_image = pil_to_rgb(pil_image)
     while min(*pil_image.size) >= 2 * image_size:
         pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
     scale = image_size / min(*pil_image.size)
@@ -307,14 +311,6 @@ def folder_class_labels(
     return [index[t] for t in tops], classes
 
 
-def center_crop_adm(image: Image.Image, image_size: int = 256) -> np.ndarray:
-    """ADM's centre crop (:func:`center_crop_arr`) of any-mode image as a writable (S, S, 3) uint8.
-
-    The standard crop for ImageNet rFID and the ADM reference batches.
-    """
-    return np.array(center_crop_arr(pil_to_rgb(image), image_size), dtype=np.uint8)
-
-
 def resize_center_crop(image: Image.Image, image_size: int = 256, resize_ratio: float = 1.5) -> np.ndarray:
     """The DMVAE reference's validation transform, (S, S, 3) uint8: short side to
     ``int(resize_ratio * S)`` (384 for 256) with LANCZOS (torchvision ``Resize``: long side
@@ -322,7 +318,7 @@ def resize_center_crop(image: Image.Image, image_size: int = 256, resize_ratio: 
     ``round((dim - S) / 2)``).
 
     This is *not* ADM's crop: it keeps less of the image (a 2/3 centre window) and so gives lower
-    rFIDs than :func:`center_crop_adm`. Use it only to reproduce the reference's training-time
+    rFIDs than :func:`center_crop_arr`. Use it only to reproduce the reference's training-time
     numbers.
     """
     image = pil_to_rgb(image)
@@ -345,7 +341,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     Args:
         root: a folder of images or an ImageNet-val tree (see :func:`list_images`).
         image_size: S.
-        crop: ``"adm"`` (:func:`center_crop_adm`, the standard) or ``"dmvae"``
+        crop: ``"adm"`` (:func:`center_crop_arr`, the standard) or ``"dmvae"``
             (:func:`resize_center_crop`, the reference's resize-384 + centre crop).
         num: ``num`` images spread evenly over the sorted list (None = all).
     """
@@ -369,7 +365,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Tensor:
         image = load_image(self.files[index])
         arr = (
-            center_crop_adm(image, self.image_size)
+            np.array(center_crop_arr(image, self.image_size), dtype=np.uint8)
             if self.crop == "adm"
             else resize_center_crop(image, self.image_size)
         )
@@ -421,20 +417,36 @@ def save_image_grid(
     *,
     overwrite: bool = True,
 ) -> Path:
-    """:func:`make_grid` written atomically to ``path`` (format from the suffix, e.g. ``.png``).
+    """:func:`make_grid` written with :func:`save_image` (format from the suffix, e.g. ``.png``).
 
     ``overwrite=False`` refuses an existing file (``FileExistsError``).
     """
-    import io
+    _check_target(Path(path), overwrite)  # before the grid is built
+    return save_image(make_grid(images, nrow, padding), path, overwrite=overwrite)
 
-    from dmvae.files import atomic_write_bytes
 
-    path = Path(path)
+def _check_target(path: Path, overwrite: bool) -> str:
     if not overwrite and path.exists():
         raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it")
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
         raise ValueError(f"cannot tell the image format from the suffix of {path} (use .png, .jpg, ...)")
+    return fmt
+
+
+def save_image(image: Image.Image | np.ndarray, path: str | os.PathLike[str], *, overwrite: bool = True) -> Path:
+    """Write one image atomically (:func:`dmvae.files.atomic_write_bytes`): the one image save of
+    dmvae (CLI outputs, grids, figures). ``image`` is a PIL image or a uint8 (H, W, 3) array; the
+    format comes from the suffix (``.png``, ``.jpg``, ...). ``overwrite=False`` refuses an existing
+    file (``FileExistsError``)."""
+    import io
+
+    from dmvae.files import atomic_write_bytes
+
+    path = Path(path)
+    fmt = _check_target(path, overwrite)
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(np.asarray(image))
     buf = io.BytesIO()
-    Image.fromarray(make_grid(images, nrow, padding)).save(buf, format=fmt)
+    image.save(buf, format=fmt)
     return atomic_write_bytes(path, buf.getvalue())

@@ -16,7 +16,6 @@ from dmvae.cli._common import (
     batched,
     check_output_file,
     check_output_files,
-    collect_images,
     int_range,
     load_autoencoder,
     writing,
@@ -119,7 +118,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from dmvae.image import pil_to_tensor, tensor_to_pil, to_uint8
+    from dmvae.image import pil_to_tensor, save_image, tensor_to_pil, to_uint8
     from dmvae.metrics import psnr
 
     paths, rel, _, _ = _relative_names(args.images)  # a folder's sub-folders are kept: cats/a.jpg -> cats/a.png
@@ -138,7 +137,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
                 target = out / names[i]
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with writing(target):
-                    _save_png(img, target)
+                    save_image(img, target)
                 if args.json:
                     print(json.dumps({"input": str(paths[i]), "output": str(target), "psnr": score}))
                 else:
@@ -152,16 +151,6 @@ def _rel_stem(rel: str) -> str:
     parts = rel.split("/")
     dirs = [_safe_stem(d + ".x", 0) for d in parts[:-1]]  # no suffix to strip: the ".x" is removed
     return "/".join([*dirs, _safe_stem(parts[-1], 0)])
-
-
-def _save_png(img: Any, path: Path) -> None:
-    import io
-
-    from dmvae.files import atomic_write_bytes
-
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def _relative_names(inputs: list[str]) -> tuple[list[Path], list[str], list[int] | None, list[str] | None]:
@@ -224,7 +213,7 @@ def run_decode(args: argparse.Namespace) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from dmvae.image import tensor_to_pil
+    from dmvae.image import save_image, tensor_to_pil
     from dmvae.latent_files import load_latents
 
     found = load_latents(args.latents, key=args.key)
@@ -242,7 +231,7 @@ def run_decode(args: argparse.Namespace) -> int:
             for img in tensor_to_pil(model.decode(chunk, normalize=normalized).cpu()):
                 target = out / names[index]
                 with writing(target):
-                    _save_png(img, target)
+                    save_image(img, target)
                 index += 1
             bar.update(len(chunk))
     if args.json:

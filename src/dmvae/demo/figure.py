@@ -16,6 +16,7 @@ import torch
 
 from dmvae.demo.objectives import FINDINGS
 from dmvae.files import atomic_write_bytes
+from dmvae.image import save_image
 
 if TYPE_CHECKING:  # pragma: no cover
     from dmvae.demo.toy2d import Toy2DRun
@@ -196,6 +197,4 @@ def _save_pil(path: Path, reference: torch.Tensor, point_sets: list[torch.Tensor
                 draw.ellipse([c - 2, d - 2, c + 2, d + 2], fill=red)
         legend += "; panel 4: " + FIELD_NOTE
     draw.text((pad, top + size + 8), legend, fill="black")
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_image(img, path)

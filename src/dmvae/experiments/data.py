@@ -238,7 +238,7 @@ def _digits(image_size: int) -> ImageSet:
 
 def _folder(root: str | os.PathLike[str], image_size: int) -> ImageSet:
     from dmvae.image import (
-        center_crop_adm,
+        center_crop_arr,
         folder_class_labels,
         list_images,
         load_image,
@@ -254,7 +254,7 @@ def _folder(root: str | os.PathLike[str], image_size: int) -> ImageSet:
     labels, classes = found
     if len(classes) < 2:
         raise DataError(f"{root} holds a single class folder ({classes[0]!r}); need at least 2 classes")
-    arr = np.stack([center_crop_adm(load_image(f), image_size) for f in files])  # (N, S, S, 3) uint8
+    arr = np.stack([np.asarray(center_crop_arr(load_image(f), image_size)) for f in files])  # (N, S, S, 3) uint8
     x = torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return ImageSet(x.contiguous(), torch.tensor(labels, dtype=torch.int64), classes, str(root))
 

@@ -197,7 +197,7 @@ def latents_png(latents: dict[str, Tensor], labels: Tensor, names: dict[str, str
 def write_outputs(result: dict, out: str | os.PathLike[str], *, overwrite: bool = False) -> list[Path]:
     """Write the five files atomically into ``out``; refuse to replace them unless ``overwrite``."""
     from dmvae.files import atomic_write_bytes, atomic_write_text
-    from dmvae.image import make_grid
+    from dmvae.image import make_grid, save_image
 
     out = Path(out)
     paths = {name: out / name for name in OUTPUT_FILES}
@@ -213,9 +213,7 @@ def write_outputs(result: dict, out: str | os.PathLike[str], *, overwrite: bool 
     per_class = result["_real"].shape[0] // k
     grid = make_grid(samples_grid(result["_real"], samples, per_class, k), nrow=k * per_class)
     names = ["real (held-out)"] + [r["name"] for r in result["rows"] if r["key"] in samples]
-    buf = io.BytesIO()
-    _label_rows(grid, names).save(buf, format="PNG")
-    atomic_write_bytes(paths["samples.png"], buf.getvalue())
+    save_image(_label_rows(grid, names), paths["samples.png"])
     atomic_write_bytes(paths["curves.png"], curves_png(result))
     row_names = {r["key"]: r["name"] for r in result["rows"]}
     atomic_write_bytes(paths["latents.png"], latents_png(result["_latents"], result["_latent_labels"], row_names,

@@ -29,6 +29,7 @@ not on the worker that loads it, the rank, or a resume.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -50,7 +51,6 @@ from dmvae.image import (
 
 __all__ = [
     "SKIMAGE_PHOTOS",
-    "ADMCenterCrop",
     "ImageDataset",
     "ImageFolder",
     "ImageList",
@@ -72,19 +72,6 @@ Key = Union[int, tuple[int, int]]
 # ################################################################################################
 
 
-class ADMCenterCrop:
-    """ADM's centre crop as a transform: PIL image -> PIL image ``size`` x ``size``."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        return center_crop_arr(img, self.size)
-
-    def __repr__(self) -> str:
-        return f"ADMCenterCrop(size={self.size})"
-
-
 def train_transform(image_size: int, *, resize_ratio: float = 1.5, hflip: bool = True) -> T.Compose:
     """The reference's training augmentation: PIL RGB -> uint8 (3, S, S).
 
@@ -101,7 +88,7 @@ def train_transform(image_size: int, *, resize_ratio: float = 1.5, hflip: bool =
 
 def center_crop_transform(image_size: int, *, hflip: bool = False) -> T.Compose:
     """ADM centre crop (validation, latent cache): PIL RGB -> uint8 (3, S, S); ``hflip`` flips always."""
-    steps: list[Any] = [ADMCenterCrop(image_size)]
+    steps: list[Any] = [functools.partial(center_crop_arr, image_size=image_size)]
     if hflip:
         steps.append(T.RandomHorizontalFlip(p=1.0))
     return T.Compose([*steps, T.PILToTensor()])
