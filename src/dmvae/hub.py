@@ -268,13 +268,8 @@ class HubMixin:
         api.create_repo(repo_id, private=private, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp)
-            info = api.upload_folder(
-                repo_id=repo_id,
-                folder_path=tmp,
-                revision=revision,
-                commit_message=commit_message,
-                create_pr=create_pr,
-            )
+            info = api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision,
+                                     commit_message=commit_message, create_pr=create_pr)
         return str(info)
 
     def num_parameters(self, only_trainable: bool = False) -> int:
@@ -294,16 +289,9 @@ class HubMixin:
         return cls._select_reference_state_dict(read_torch_checkpoint(path), use_ema, str(path))
 
     @classmethod
-    def _locate(
-        cls,
-        source: str | os.PathLike[str],
-        *,
-        filename: str | None,
-        revision: str | None = None,
-        cache_dir: str | os.PathLike[str] | None = None,
-        local_files_only: bool | None = None,
-        token: str | bool | None = None,
-    ) -> tuple[Path, Path | None]:
+    def _locate(cls, source: str | os.PathLike[str], *, filename: str | None, revision: str | None = None,
+                cache_dir: str | os.PathLike[str] | None = None, local_files_only: bool | None = None,
+                token: str | bool | None = None) -> tuple[Path, Path | None]:
         """Return (weights file, config.json or None) for any supported ``source``
         (see :func:`dmvae.sources.locate`)."""
         if not isinstance(source, (str, os.PathLike)):
@@ -389,14 +377,8 @@ class HubMixin:
         if torch_dtype is not None and dtype is not None and torch_dtype != dtype:
             raise ValueError(f"dtype={dtype} and torch_dtype={torch_dtype} disagree; pass one of them")
         dtype = _check_dtype_arg(dtype if dtype is not None else torch_dtype)
-        weights_path, config_path = cls._locate(
-            source,
-            filename=filename,
-            revision=revision,
-            cache_dir=cache_dir,
-            local_files_only=local_files_only,
-            token=token,
-        )
+        weights_path, config_path = cls._locate(source, filename=filename, revision=revision, cache_dir=cache_dir,
+                                                local_files_only=local_files_only, token=token)
         cfg = cls._config_for(config, config_path, weights_path)
         state_dict = cls._state_dict_from_file(weights_path, use_ema)
         model = cls._build_and_load(cfg, state_dict, source=str(weights_path))
@@ -452,31 +434,18 @@ class HubMixin:
             load_state_dict_strict(model, state_dict, source)  # type: ignore[arg-type]
         return model  # type: ignore[return-value]
 
-    def load_weights(
-        self,
-        source: str | os.PathLike[str] | Mapping[str, torch.Tensor],
-        *,
-        use_ema: bool | None = None,
-        filename: str | None = None,
-        revision: str | None = None,
-        cache_dir: str | os.PathLike[str] | None = None,
-        local_files_only: bool | None = None,
-        token: str | bool | None = None,
-    ) -> Self:
+    def load_weights(self, source: str | os.PathLike[str] | Mapping[str, torch.Tensor], *, use_ema: bool | None = None,
+                     filename: str | None = None, revision: str | None = None,
+                     cache_dir: str | os.PathLike[str] | None = None, local_files_only: bool | None = None,
+                     token: str | bool | None = None) -> Self:
         """Load weights into this model strictly. Every tensor is checked (keys, shapes, dtype
         kind, no meta tensors) before the first one is copied: on failure the model is unchanged."""
         assert isinstance(self, nn.Module)
         if isinstance(source, Mapping):
             state_dict, name = dict(source), "state dict"
         else:
-            weights_path, _ = self._locate(
-                source,
-                filename=filename,
-                revision=revision,
-                cache_dir=cache_dir,
-                local_files_only=local_files_only,
-                token=token,
-            )
+            weights_path, _ = self._locate(source, filename=filename, revision=revision, cache_dir=cache_dir,
+                                           local_files_only=local_files_only, token=token)
             state_dict, name = self._state_dict_from_file(weights_path, use_ema), str(weights_path)
         load_state_dict_strict(self, state_dict, name)
         return self  # type: ignore[return-value]
