@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from dmvae.checks import check_int
 from dmvae.files import require_file
 from dmvae.layers import FrozenModule
 from dmvae.metrics.image import to_uint8
@@ -132,6 +133,7 @@ def inception_score(
     torch-fidelity's ``isc`` (splits 10, seed 2020) exactly. Use the *unbiased* logits of
     :class:`InceptionV3Features` (the fc layer without bias) for the standard number.
     """
+    splits = check_int("splits", splits, 1)
     x = torch.as_tensor(_as_float64(logits, "logits"))
     if x.dim() != 2:
         raise ValueError(f"logits must be (N, num_classes), got shape {tuple(x.shape)}")
