@@ -143,6 +143,18 @@ def test_half_deleted_directories_are_invisible_and_cleaned(tmp_path: Path) -> N
     assert not junk.exists()
 
 
+def test_pruning_a_linked_step_removes_the_link_not_its_target(tmp_path: Path) -> None:
+    elsewhere = save_checkpoint(tmp_path / "archive", 1, model=_model(1), save_rng=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "step_00000001").symlink_to(elsewhere, target_is_directory=True)
+    for step in (2, 3):
+        save_checkpoint(run, step, keep_last=2, model=_model(step), save_rng=False)
+    assert [s for s, _ in list_checkpoints(run)] == [2, 3]
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["manifest.json", "model.safetensors"]
+    load_checkpoint(tmp_path / "archive", model=_model(9))
+
+
 # ------------------------------------------------------------------ content hashes
 
 

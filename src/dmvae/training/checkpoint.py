@@ -134,7 +134,11 @@ def _torch_save(obj: Any, path: Path, files: dict[str, Any] | None = None) -> No
 
 def _remove_tree(path: Path) -> None:
     """Delete a directory tree file by file (never following a symbolic link), calling the fault
-    point after each removal."""
+    point after each removal). A link is removed itself, never what it points to."""
+    if os.path.islink(path):
+        os.unlink(path)
+        _fault_point("unlink")
+        return
     for root, dirs, files in os.walk(path, topdown=False):
         for name in files:
             os.unlink(os.path.join(root, name))
