@@ -13,7 +13,8 @@ from skimage.metrics import peak_signal_noise_ratio as sk_psnr
 from skimage.metrics import structural_similarity as sk_ssim
 
 from dmvae.evaluation import compute_npz_stats, evaluate_generation, evaluate_reconstruction
-from dmvae.image import ImageFolderDataset, center_crop_arr, list_images, resize_center_crop
+from dmvae.image import center_crop_arr, list_images, resize_center_crop
+from dmvae.training.data import ImageFolder, eval_transform
 from dmvae.metrics.precision_recall import precision_recall
 from dmvae.npz import iter_npz_images, load_npz_images, npz_image_shape, save_npz_images
 from dmvae.metrics import StreamingStats, frechet_distance, inception_score, to_uint8
@@ -81,8 +82,8 @@ def image_dir(tmp_path_factory):
 
 
 def _real_batch(image_dir):
-    ds = ImageFolderDataset(image_dir, image_size=SIZE)
-    return torch.stack([ds[i] for i in range(len(ds))])  # (8, 3, 64, 64) uint8
+    ds = ImageFolder(image_dir, eval_transform(SIZE), labels="none")
+    return torch.stack([ds[i][0] for i in range(len(ds))])  # (8, 3, 64, 64) uint8
 
 
 # ------------------------------------------------------------------ data
@@ -252,8 +253,8 @@ def test_subset_lpips_and_plain_callable(image_dir):
         progress=False,
     )
     assert res.num_images == 4 and res.latents is None
-    ds = ImageFolderDataset(image_dir, image_size=SIZE, num=4)
-    x = torch.stack([ds[i] for i in range(4)]).float() / 127.5 - 1
+    ds = ImageFolder(image_dir, eval_transform(SIZE), labels="none", num=4)
+    x = torch.stack([ds[i][0] for i in range(4)]).float() / 127.5 - 1
     assert res.lpips == pytest.approx(lp(x, x * 0.8).double().mean().item(), rel=1e-5)
     assert res.lpips > 0
 
@@ -440,3 +441,17 @@ def test_nchw_samples_are_refused_before_any_work(tmp_path):
         evaluate_generation(tmp_path / "nchw.npz", tmp_path / "ref.npz",
                             feature_extractor=lambda x: calls.append(1) or x.float().flatten(1), progress=False)
     assert calls == []
+
+
+def test_eval_transform_crops_of_the_one_folder_dataset(image_dir):
+    from PIL import Image
+
+    img = Image.open(list_images(image_dir)[0]).convert("RGB")
+    adm, ref = eval_transform(SIZE)(img), eval_transform(SIZE, "dmvae")(img)
+    assert adm.dtype == ref.dtype == torch.uint8 and adm.shape == ref.shape == (3, SIZE, SIZE)
+    assert np.array_equal(adm.permute(1, 2, 0).numpy(), np.asarray(center_crop_arr(img, SIZE)))
+    assert np.array_equal(ref.permute(1, 2, 0).numpy(), resize_center_crop(img, SIZE))
+    with pytest.raises(ValueError, match="crop must be 'adm' or 'dmvae'"):
+        eval_transform(SIZE, "square")
+    ds = ImageFolder(image_dir, eval_transform(SIZE), labels="none", num=4)
+    assert len(ds) == 4 and ds.num_classes == 1 and ds[3][1] == 0

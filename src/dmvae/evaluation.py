@@ -39,7 +39,7 @@ import torch
 from dmvae._utils import eval_mode
 from dmvae.checks import check_int
 from dmvae.files import require_file
-from dmvae.image import ImageFolderDataset, to_uint8
+from dmvae.image import to_uint8
 from dmvae.metrics.fid import (
     FIDStats,
     InceptionV3Features,
@@ -158,14 +158,17 @@ def evaluate_reconstruction(
         model: a :class:`dmvae.DMVAE` (anything with ``encode``/``decode``; raw latents via
             ``normalize=False`` when supported) or a callable ``images -> reconstructions``, images
             (B, 3, S, S) float in [-1, 1].
-        data: an image folder / ImageNet-val tree, or a dataset of uint8 (3, S, S) tensors.
+        data: an image folder / ImageNet-val tree (read as a
+            :class:`~dmvae.training.data.ImageFolder`), or a dataset of uint8 (3, S, S) tensors or
+            of ``(image, label)`` pairs.
         feature_extractor: uint8 images -> features (see the module docstring). None = the FID
             Inception-v3 with ``inception_weights``.
         lpips: a callable ``(x, y) -> (B,)`` on [-1, 1] images, e.g. :class:`dmvae.lpips.LPIPS`.
             None = LPIPS not computed.
         batch_size: images per forward; changes no number beyond float rounding.
         num_images: evaluate this many images spread evenly over the folder (None = all).
-        image_size, crop: see :class:`ImageFolderDataset` (ignored for a dataset).
+        image_size, crop: the crop of a folder's images (:func:`dmvae.training.data.eval_transform`:
+            ``"adm"``, the standard, or the reference's ``"dmvae"``); ignored for a dataset.
         device: where the model runs (default: the model's device, else CPU).
         autocast: pass ``autocast=True`` to DMVAE's encode/decode (bf16 on GPU, as the reference).
         fid: False skips rFID (no Inception network or weights needed; ``rfid`` is None).
@@ -176,8 +179,10 @@ def evaluate_reconstruction(
     equal to a single-process run.
     """
     if isinstance(data, (str, os.PathLike)):
-        dataset: torch.utils.data.Dataset = ImageFolderDataset(
-            data, image_size=image_size, crop=crop, num=num_images
+        from dmvae.training.data import ImageFolder, eval_transform
+
+        dataset: torch.utils.data.Dataset = ImageFolder(
+            data, eval_transform(image_size, crop), labels="none", num=num_images
         )
     else:
         dataset = data
@@ -248,6 +253,8 @@ def _reconstruction_sums(
     sums = {"psnr": 0.0, "ssim": 0.0, "lpips": 0.0}
     n = size = 0
     for batch in tqdm(loader, desc="eval-recon", unit="batch", disable=not progress):
+        if isinstance(batch, (list, tuple)):  # (images, labels) of a labelled dataset
+            batch = batch[0]
         if batch.dtype != torch.uint8 or batch.dim() != 4 or batch.shape[1] != 3:
             raise ValueError(f"expected uint8 batches (B, 3, H, W), got {batch.dtype} {tuple(batch.shape)}")
         real_u8 = batch.to(device)  # (B, 3, S, S) uint8

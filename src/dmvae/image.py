@@ -17,7 +17,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Union
+from typing import Union
 
 import numpy as np
 import torch
@@ -28,7 +28,6 @@ from torch import Tensor
 __all__ = [
     "IMAGE_EXTENSIONS",
     "TRANSPARENCY_BACKGROUND",
-    "ImageFolderDataset",
     "center_crop_arr",
     "folder_class_labels",
     "list_images",
@@ -333,43 +332,6 @@ def resize_center_crop(image: Image.Image, image_size: int = 256, resize_ratio: 
     top = int(round((arr.shape[0] - image_size) / 2.0))
     left = int(round((arr.shape[1] - image_size) / 2.0))
     return arr[top : top + image_size, left : left + image_size].copy()  # writable, contiguous
-
-
-class ImageFolderDataset(torch.utils.data.Dataset):
-    """Centre-cropped images of a folder as uint8 tensors (3, S, S), for evaluation.
-
-    Args:
-        root: a folder of images or an ImageNet-val tree (see :func:`list_images`).
-        image_size: S.
-        crop: ``"adm"`` (:func:`center_crop_arr`, the standard) or ``"dmvae"``
-            (:func:`resize_center_crop`, the reference's resize-384 + centre crop).
-        num: ``num`` images spread evenly over the sorted list (None = all).
-    """
-
-    def __init__(
-        self,
-        root: str | os.PathLike[str],
-        image_size: int = 256,
-        crop: Literal["adm", "dmvae"] = "adm",
-        num: int | None = None,
-    ) -> None:
-        if crop not in ("adm", "dmvae"):
-            raise ValueError(f"crop must be 'adm' or 'dmvae', got {crop!r}")
-        self.files = list_images(root, num)
-        self.image_size = image_size
-        self.crop = crop
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int) -> Tensor:
-        image = load_image(self.files[index])
-        arr = (
-            np.array(center_crop_arr(image, self.image_size), dtype=np.uint8)
-            if self.crop == "adm"
-            else resize_center_crop(image, self.image_size)
-        )
-        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # (3, S, S) uint8
 
 
 # ################################################################################################

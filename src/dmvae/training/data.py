@@ -20,7 +20,8 @@ Transforms (torchvision):
 - :func:`train_transform`: the reference's augmentation -- horizontal flip, shorter side resized to
   ``resize_ratio * S`` (1.5, LANCZOS), random ``S`` crop;
 - :func:`center_crop_transform`: ADM's centre crop (:func:`dmvae.image.center_crop_arr`) for
-  validation and the latent cache.
+  validation, evaluation and the latent cache; :func:`eval_transform` also offers the reference's
+  resize-384 + centre crop (:func:`dmvae.image.resize_center_crop`).
 
 Keys: a dataset item is addressed by an index or by ``(index, sample_seed)``. With a seed the random
 transform runs under that seed (CPU RNG forked), so a sample's crop and flip depend on the seed only,
@@ -47,6 +48,7 @@ from dmvae.image import (
     list_images,
     load_image,
     pil_to_rgb,
+    resize_center_crop,
 )
 
 __all__ = [
@@ -57,6 +59,7 @@ __all__ = [
     "SkimagePhotos",
     "build_dataset",
     "center_crop_transform",
+    "eval_transform",
     "data_identity",
     "file_list_digest",
     "to_model_input",
@@ -92,6 +95,21 @@ def center_crop_transform(image_size: int, *, hflip: bool = False) -> T.Compose:
     if hflip:
         steps.append(T.RandomHorizontalFlip(p=1.0))
     return T.Compose([*steps, T.PILToTensor()])
+
+
+def _resize_center_crop(img: Image.Image, image_size: int) -> torch.Tensor:
+    return torch.from_numpy(resize_center_crop(img, image_size)).permute(2, 0, 1).contiguous()
+
+
+def eval_transform(image_size: int, crop: str = "adm") -> Callable[[Image.Image], torch.Tensor]:
+    """The evaluation crop, PIL RGB -> uint8 (3, S, S): ``"adm"`` is ADM's centre crop (the
+    standard for rFID, :func:`center_crop_transform`), ``"dmvae"`` the reference's resize-384 +
+    centre crop (:func:`dmvae.image.resize_center_crop`)."""
+    if crop == "adm":
+        return center_crop_transform(image_size)
+    if crop == "dmvae":
+        return functools.partial(_resize_center_crop, image_size=image_size)
+    raise ValueError(f"crop must be 'adm' or 'dmvae', got {crop!r}")
 
 
 def to_model_input(images: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
@@ -198,17 +216,18 @@ class ImageDataset(Dataset):
 
 
 class ImageFolder(ImageDataset):
-    """Images under ``root`` (:func:`dmvae.image.list_images`). ``labels="auto"``: class folders
-    when every image lies in a sub-folder (ImageNet ``train/<wnid>/``; label = sorted folder index,
+    """Images under ``root`` (:func:`dmvae.image.list_images`): the one folder dataset, for
+    training, evaluation and the latent cache. ``labels="auto"``: class folders when every image
+    lies in a sub-folder (ImageNet ``train/<wnid>/``; label = sorted folder index,
     :func:`dmvae.image.folder_class_labels`), else flat (label 0); ``"folders"`` / ``"none"`` force
-    one of the two."""
+    one of the two. ``num`` keeps that many images spread evenly over the sorted list."""
 
     def __init__(self, root: str | os.PathLike[str], transform: Callable | None = None, *,
-                 labels: str = "auto") -> None:
+                 labels: str = "auto", num: int | None = None) -> None:
         root = Path(root)
         if labels not in ("auto", "folders", "none"):
             raise ValueError(f"labels must be 'auto', 'folders' or 'none', got {labels!r}")
-        files = list_images(root)
+        files = list_images(root, num)
         found = folder_class_labels(root, files) if labels != "none" else None
         if found is None and labels == "folders":
             top = next(p for p in files if len(p.relative_to(root).parts) == 1)
