@@ -14,15 +14,30 @@ from pathlib import Path
 
 import torch
 
-from dmvae.training import init_distributed, is_main_process, latest_checkpoint, load_checkpoint
-from dmvae.training.data import build_dataset, center_crop_transform, train_transform
+from dmvae.cli._common import (
+    HelpFormatter,
+    LineStream,
+    apply_threads,
+    check_weights_source,
+    default_threads,
+)
 from dmvae.dist import DistInfo
+from dmvae.ema import EMA
+from dmvae.training import (
+    init_distributed,
+    is_main_process,
+    latest_checkpoint,
+    load_checkpoint,
+)
+from dmvae.training.data import (
+    SkimagePhotos,
+    build_dataset,
+    center_crop_transform,
+    to_model_input,
+    train_transform,
+)
 from dmvae.training.logger import LOG_BACKENDS, MetricLogger
 from dmvae.training.sampler import TrainLoader
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring verbatim, and every option's default in ``--help``."""
 
 
 def fail(message: str) -> SystemExit:
@@ -32,12 +47,14 @@ def fail(message: str) -> SystemExit:
 
 
 class _Parser(argparse.ArgumentParser):
-    def add_argument(self, *args, **kwargs):  # every option shows its default, even without a help text
-        kwargs.setdefault("help", "(default: %(default)s)")
+    def add_argument(self, *args, **kwargs):  # an option without a help text still shows its default
+        if "help" not in kwargs and kwargs.get("default") not in (None, False, [], ""):
+            kwargs["help"] = "(default: %(default)s)"
         return super().add_argument(*args, **kwargs)
 
 
 def make_parser(doc: str, prog: str | None = None) -> argparse.ArgumentParser:
+    """The module docstring verbatim and every meaningful default in ``--help`` (the CLI's formatter)."""
     return _Parser(prog=prog, description=doc, formatter_class=HelpFormatter)
 
 
@@ -49,6 +66,11 @@ def add_data_args(p: argparse.ArgumentParser, *, data_help: str = "") -> None:
     g.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes per GPU/process")
     g.add_argument("--num-classes", type=int, default=None, help="label count for tar shards (else from the data)")
     g.add_argument("--prefetch-factor", type=int, default=None, help="batches prefetched per worker (torch default 2)")
+    g.add_argument("--val-data", default=None,
+                   help="held-out images for the end-of-stage figure and preview (default: with --data skimage, "
+                        f"bundled photos the run never trains on ({', '.join(SKIMAGE_HELD_OUT)}); otherwise the "
+                        "first images of --data, which are NOT held out)")
+    g.add_argument("--val-images", type=int, default=16, help="held-out images used (each also mirrored)")
 
 
 def add_run_args(p: argparse.ArgumentParser, *, log_every: int = 10, image_every: int = 0) -> None:
@@ -57,7 +79,8 @@ def add_run_args(p: argparse.ArgumentParser, *, log_every: int = 10, image_every
     g.add_argument("--compile", action="store_true", help="torch.compile the trained modules")
     g.add_argument("--no-tf32", dest="tf32", action="store_false", help="turn TF32 matmuls on CUDA off")
     g.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads per process (None = torch's choice; use 1 next to other jobs)")
+                   help=f"torch CPU threads per process (default: {default_threads()} here, see dmvae.cli._common."
+                        "default_threads)")
     g.add_argument("--log-to", nargs="*", default=[], choices=LOG_BACKENDS, metavar="BACKEND",
                    help=f"also log to these backends when installed: {', '.join(LOG_BACKENDS)}")
     g.add_argument("--log-every", type=int, default=log_every, help="steps between log lines (averages)")
@@ -69,11 +92,12 @@ def add_run_args(p: argparse.ArgumentParser, *, log_every: int = 10, image_every
 
 
 def setup(args: argparse.Namespace) -> DistInfo:
-    """Threads, TF32, the process group (torchrun) and the device."""
-    if args.threads is not None:
-        if args.threads < 1:
-            raise fail(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    """Threads, TF32, progress fit for log files, the process group (torchrun) and the device."""
+    if args.threads is not None and args.threads < 1:
+        raise fail(f"--threads must be >= 1, got {args.threads}")
+    apply_threads(args.threads)
+    if not sys.stderr.isatty() and not isinstance(sys.stderr, LineStream):
+        sys.stderr = LineStream(sys.stderr)  # a log file: the progress bar as a line every 30 s, no \r flood
     if torch.cuda.is_available() and args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -129,9 +153,13 @@ def load_lpips(args: argparse.Namespace, device: torch.device):
 
 
 def check_source(flag: str, source: str) -> None:
-    """A missing local model directory / file is a user mistake: one line."""
+    """A missing local model directory / file, or a preset name where weights belong: one line."""
     if source.startswith("prior:") or "://" in source:
         return
+    try:
+        check_weights_source(flag, source)
+    except ValueError as e:
+        raise fail(str(e)) from None
     p = Path(os.path.expanduser(source))
     looks_local = source.startswith((".", "/", "~")) or source.count("/") >= 2
     if looks_local and not p.exists():
@@ -153,3 +181,90 @@ def resume_and_log(args: argparse.Namespace, out: Path, state: dict, desc: str) 
     log = MetricLogger(out, total_steps=args.steps, start_step=start, log_every=args.log_every,
                        log_to=args.log_to, config=vars(args), progress=not args.quiet, desc=desc)
     return start, log
+
+
+# ################################################################################################
+# EMA and the end of a stage: held-out figures and the final preview
+# ################################################################################################
+
+#: Colour photos bundled with scikit-image that ``SkimagePhotos`` (the training set of ``--data
+#: skimage``) does not contain: the held-out set of the CPU runs.
+SKIMAGE_HELD_OUT = ("hubble_deep_field", "retina", "colorwheel")
+
+
+def add_ema_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("EMA")
+    g.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay (the reference's 0.9999)")
+    g.add_argument("--ema-warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="let the EMA decay grow with the step count, min(decay, 1 - (1 + n)^(-2/3)) (timm's "
+                        "warm-up), so that the EMA of a short run holds trained weights; --no-ema-warmup = the "
+                        "reference's fixed decay (an EMA of 300 steps at 0.9999 is ~97 %% the initial weights)")
+
+
+def make_ema(model: torch.nn.Module, args: argparse.Namespace) -> EMA:
+    return EMA(model, decay=args.ema_decay, warmup=args.ema_warmup)
+
+
+def held_out(args: argparse.Namespace, image_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Held-out images (each followed by its mirror), their labels and a description.
+
+    ``(x, y, what)``: x (2n, 3, S, S) float in [-1, 1] on ``device`` (ADM centre crops), y (2n,) int64.
+    """
+    transform = center_crop_transform(image_size)
+    try:
+        if args.val_data is not None:
+            dataset, what = build_dataset(args.val_data, transform), f"held-out {args.val_data}"
+        elif args.data == "skimage":
+            dataset, what = SkimagePhotos(transform, repeats=1, names=SKIMAGE_HELD_OUT), "held-out photos"
+        elif not _is_shards(args.data):
+            dataset, what = build_dataset(args.data, transform), f"{args.data} (training images: pass --val-data)"
+        else:
+            raise fail("tar shards have no held-out images: pass --val-data FOLDER")
+    except (FileNotFoundError, ValueError) as e:
+        raise fail(str(e)) from None
+    n = max(1, min(args.val_images, len(dataset)))
+    items = [dataset[i * len(dataset) // n] for i in range(n)]
+    x = to_model_input(torch.stack([im for im, _ in items]), device)
+    y = torch.tensor([label for _, label in items], dtype=torch.long, device=device)
+    return torch.cat([x, x.flip(-1)]), torch.cat([y, y]), f"{what}, {n} images + mirrors"
+
+
+@torch.no_grad()
+def held_out_psnr(vae: torch.nn.Module, x: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Mean PSNR (dB, on the 8-bit images) of ``vae``'s reconstructions of ``x``, and the reconstructions."""
+    from dmvae.image import to_uint8
+    from dmvae.metrics import psnr
+
+    was_training = vae.training
+    vae.eval()
+    x_hat = vae(x).reconstruction.float()
+    vae.train(was_training)
+    return float(psnr(to_uint8(x), to_uint8(x_hat)).mean()), x_hat
+
+
+@torch.no_grad()
+def held_out_fm_loss(dit: torch.nn.Module, z: torch.Tensor, y: torch.Tensor, seed: int, repeats: int = 8) -> float:
+    """The flow-matching loss of ``dit`` on the held-out latents ``z`` (normalised), averaged over
+    ``repeats`` fixed draws of (t, noise) per latent: the same draws for every model compared."""
+    from dmvae.transport import FlowMatching
+
+    fm = FlowMatching()
+    g = torch.Generator(z.device).manual_seed(seed + 12_345)
+    zz, yy = z.repeat(repeats, 1, 1, 1), y.repeat(repeats)
+    t = fm.sample_time(zz.shape[0], generator=g, device=z.device)
+    noise = torch.randn(zz.shape, generator=g, device=z.device)
+    was_training = dit.training
+    dit.eval()  # no label dropout
+    loss = fm.loss(dit, zz.float(), yy, t=t, noise=noise).loss
+    dit.train(was_training)
+    return float(loss)
+
+
+def quality_line(stage: str, what: str, metric: str, figures: dict[str, float | None], unit: str = "") -> str:
+    """``stage 1 | held-out photos, 3 images + mirrors | PSNR  initial 10.21 dB  raw 18.40 dB  EMA 18.31 dB``:
+    printed by the main process at the end of a stage (so a broken hand-off shows in the log)."""
+    parts = [f"{k} {v:.4g}{unit}" for k, v in figures.items() if v is not None]
+    line = f"{stage} | {what} | {metric}  " + "  ".join(parts)
+    if is_main_process():
+        print(line, flush=True)
+    return line

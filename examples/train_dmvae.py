@@ -26,7 +26,10 @@ fake model and the discriminator are each wrapped in DistributedDataParallel; th
 passes (the fake model inside L_DM, the discriminator inside the generator loss) use the plain
 modules, and the adaptive GAN weight uses the gradients of the global batch. Noise and times are
 drawn for the global batch, so N processes compute what one process with N x the batch computes.
-Writes ``<out>/vae``, ``<out>/fake``, ``<out>/metrics.jsonl`` and ``summary.json``.
+Writes ``<out>/vae``, ``<out>/fake``, ``<out>/metrics.jsonl`` and ``summary.json``. Every
+``--health-every`` steps and at the end, the DM-health figures (``dmvae.DMHealth``: the fake's
+over-fit gap, the floor of the DM update, latent drift; docs/training.md, "Is my DM stage
+healthy?") go to ``metrics.jsonl`` as ``health/...`` lines, with a printed warning when one is off.
 """
 
 from __future__ import annotations
@@ -38,10 +41,11 @@ from pathlib import Path
 
 import torch
 
-from _train_utils import (add_data_args, add_run_args, adamw, check_source, fail, load_lpips, make_loader,
-                          make_parser, maybe_compile, resume_and_log, setup)
+from _train_utils import (_is_shards, add_data_args, add_run_args, adamw, check_source, fail, held_out, held_out_psnr,
+                          load_lpips, make_loader, make_parser, maybe_compile, quality_line, resume_and_log, setup)
 from dmvae.autoencoder import DMVAE
 from dmvae.dit import LatentDiT
+from dmvae.dm_health import DMHealth
 from dmvae.dm_loss import DistributionMatchingLoss
 from dmvae.training import (
     DiffAugment,
@@ -94,7 +98,55 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no DiffAugment in the GAN terms (then also --bcr-weight 0)")
     add_data_args(p)
     add_run_args(p, log_every=10, image_every=0)
+    add_health_args(p)
     return p
+
+
+def add_health_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("DM health (dmvae.dm_health; see docs/training.md, 'Is my DM stage healthy?')")
+    g.add_argument("--health-every", type=int, default=50,
+                   help="steps between DM-health lines in metrics.jsonl (0 = only the end-of-stage line)")
+    g.add_argument("--health-floor", default="auto", choices=["auto", "on", "off"],
+                   help="measure the floor (DM update on stage-1 latents, which should be ~0 while the fake "
+                        "equals the teacher); auto = on when --real is a LatentDiT and the fake starts as it")
+
+
+class StageHealth:
+    """The DM-health monitor of this run: the held-out images (``--val-data``, as the end-of-stage
+    PSNR) and as many fixed training images (centre crops), encoded now by the current autoencoder
+    against their stage-1 latents (encoded at construction, before any checkpoint is restored)."""
+
+    def __init__(self, args: argparse.Namespace, vae: DMVAE, dm: DistributionMatchingLoss,
+                 dev: torch.device) -> None:
+        from dmvae.training.data import build_dataset, center_crop_transform
+
+        self.vae, self.bf16 = vae, bool(args.bf16)
+        self.x, self.y, self.what = held_out(args, vae.config.image_size, dev)
+        self.x_train = self.y_train = None
+        if not _is_shards(args.data):  # tar shards: no fixed training images, no over-fit gap
+            train = build_dataset(args.data, center_crop_transform(vae.config.image_size))
+            n = min(self.x.shape[0], len(train))
+            if n >= 2:
+                items = [train[i * len(train) // n] for i in range(n)]
+                self.x_train = to_model_input(torch.stack([im for im, _ in items]), dev)
+                self.y_train = torch.tensor([lab for _, lab in items], dtype=torch.long, device=dev)
+        floor = {"on": True, "off": False}.get(args.health_floor,
+                                                not args.real.startswith("prior:") and args.fake_init is None)
+        self.monitor = DMHealth(dm, stage1=self.encode(self.x), labels=self.y, fake_matches_teacher=floor,
+                                stage1_train=None if self.x_train is None else self.encode(self.x_train),
+                                train_labels=self.y_train, seed=args.seed)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        was_training = self.vae.training
+        self.vae.eval()
+        z = self.vae.encode(x, autocast=self.bf16).float()  # normalised latents
+        self.vae.train(was_training)
+        return z
+
+    def measure(self) -> dict[str, float]:
+        train = None if self.x_train is None else self.encode(self.x_train)
+        return self.monitor.measure(self.encode(self.x), train)
 
 
 def make_real(spec: str, vae: DMVAE) -> torch.nn.Module:
@@ -143,7 +195,11 @@ def main(argv: list[str] | None = None) -> dict:
     ckpt_dir = out / "checkpoints"
     state = dict(vae=vae, fake=fake, disc=disc, dm=dm, opt_vae=opt_vae, opt_fake=opt_fake, opt_disc=opt_disc,
                  sched_vae=sched_vae, sched_fake=sched_fake, sched_disc=sched_disc, data=loader)
+    health = StageHealth(args, vae, dm, dev) if is_main_process() else None  # stage-1 latents: before resuming
+    health_log: list[dict] = []
     start, log = resume_and_log(args, out, state, desc="stage 3")
+    x_val, _, val_what = held_out(args, vae.config.image_size, dev)
+    initial_psnr = held_out_psnr(vae, x_val)[0] if start == 0 else None
     means = RunningMeans()
     history: list[dict] = []
     for step in range(start, args.steps):
@@ -213,14 +269,42 @@ def main(argv: list[str] | None = None) -> dict:
             if "mse" in m:
                 m["psnr"] = -10 * math.log10(max(m.pop("mse"), 1e-12))
             history.append(log.log(step, m, lr=sched_vae.get_last_lr()[0]))
+        if health is not None and args.health_every and (step + 1) % args.health_every == 0 and step + 1 < args.steps:
+            figures = health.measure()  # its own metrics.jsonl line (the history keeps the training means)
+            health_log.append(log.log(step, figures))
+            for w in health.monitor.warnings(figures):
+                print(f"step {step}: {w}", flush=True)
         if args.image_every and step % args.image_every == 0 and schedule.autoencoder_step(step):
             log.images(step, "reconstruction", torch.cat([x[:8], o.reconstruction.detach()[:8]]),
                        nrow=min(8, x.shape[0]))
         if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
             save_checkpoint(ckpt_dir, step + 1, keep_last=args.keep_last, **state)
-    log.close()
 
-    summary = {"steps": args.steps, "start_step": start, "history": history}
+    # ---- end of the stage: held-out PSNR (no EMA in stage 3, as the reference) and a final preview;
+    # the DM health figures (dmvae.dm_health) belong on this line too
+    raw_psnr, raw_rec = held_out_psnr(vae, x_val)
+    quality = {"metric": "psnr_db", "data": val_what, "initial": initial_psnr, "raw": raw_psnr}
+    if is_main_process():
+        n = min(8, x_val.shape[0])
+        log.images(args.steps, "final", torch.cat([x_val[:n], raw_rec[:n]]), nrow=n)
+    health_end: dict = {}
+    if health is not None:  # the end-of-stage DM-health line (metrics.jsonl, and printed below)
+        figures = health.measure()
+        health_end = {"figures": log.log(max(args.steps - 1, 0), figures), "warnings": health.monitor.warnings(figures),
+                      "notes": health.monitor.notes, "history": health_log}
+    log.close()
+    quality_line("stage 3 (DM)", val_what, "PSNR", {"initial": initial_psnr, "raw": raw_psnr}, " dB")
+
+    if health is not None:
+        print(f"stage 3 (DM) | {health.what} | {health.monitor.report(figures)}", flush=True)
+        for w in health_end["warnings"]:
+            print(w, flush=True)
+        for note in health.monitor.notes:
+            print(f"DM health note: {note}", flush=True)
+
+    summary = {"steps": args.steps, "start_step": start, "quality": quality, "history": history}
+    if health_end:
+        summary["health"] = health_end
     if is_main_process():
         vae.save_pretrained(out / "vae")  # latent statistics unchanged (the reference keeps stage 1's)
         fake.save_pretrained(out / "fake")

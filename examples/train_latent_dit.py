@@ -6,7 +6,12 @@ autoencoder's latents. Same loop, different ``--vae``:
 
     z = vae.encode(x)                      # normalised with the VAE config's latent_mean / scale
     loss = E_t,eps |dit(t z + (1 - t) eps, t, y) - (z - eps)|^2
-    AdamW (0.9, 0.95), wd 0, grad clip 1, constant LR, EMA 0.9999
+    AdamW (0.9, 0.95), wd 0, grad clip 1, constant LR, EMA 0.9999 with warm-up
+
+At the end: the flow-matching loss on the latents of held-out images (``--val-data``; with
+``--data skimage``, bundled photos the run never sees; fixed times and noise) of the initial, the
+raw and the EMA weights on one line, and a final preview ``<out>/images/final_<steps>.png`` (rows:
+raw, EMA samples from the same noise).
 
 CPU demo (after examples/train_tokenizer.py):
 
@@ -32,13 +37,28 @@ import json
 from pathlib import Path
 
 import torch
+from _train_utils import (
+    adamw,
+    add_data_args,
+    add_ema_args,
+    add_run_args,
+    check_source,
+    fail,
+    held_out,
+    held_out_fm_loss,
+    make_ema,
+    make_loader,
+    make_parser,
+    maybe_compile,
+    quality_line,
+    resume_and_log,
+    setup,
+)
 
-from _train_utils import (add_data_args, add_run_args, adamw, check_source, fail, make_loader, make_parser,
-                          maybe_compile, resume_and_log, setup)
 from dmvae.autoencoder import DMVAE
+from dmvae.dist import GlobalBatchRandom, local_rows, wrap_ddp
 from dmvae.dit import LatentDiT, LatentDiTConfig
 from dmvae.training import (
-    EMA,
     autocast,
     clip_grad_norm,
     is_main_process,
@@ -46,7 +66,6 @@ from dmvae.training import (
     save_checkpoint,
 )
 from dmvae.training.data import to_model_input
-from dmvae.dist import GlobalBatchRandom, local_rows, wrap_ddp
 from dmvae.training.logger import RunningMeans
 from dmvae.training.sampler import TrainLoader
 from dmvae.transport import FlowMatching
@@ -64,10 +83,10 @@ def build_parser(prog: str | None = None, doc: str = __doc__) -> argparse.Argume
     p.add_argument("--lr", type=float, default=1e-3, help="reference 2e-4")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--warmup", type=int, default=0, help="0 = constant LR (the reference)")
-    p.add_argument("--ema-decay", type=float, default=0.9999)
     p.add_argument("--class-dropout", type=float, default=0.1, help="label dropout (gives the CFG null class)")
     p.add_argument("--grad-checkpoint", action="store_true", help="activation checkpointing of the DiT blocks")
     p.add_argument("--sample-steps", type=int, default=20, help="Euler steps of the preview samples")
+    add_ema_args(p)
     add_data_args(p)
     add_run_args(p, log_every=20, image_every=0)
     return p
@@ -113,7 +132,7 @@ def main(argv: list[str] | None = None, prog: str | None = None, doc: str | None
     torch.manual_seed(args.seed)
     dit = make_dit(args, vae, num_classes).to(dev)
     dit.enable_gradient_checkpointing(args.grad_checkpoint)
-    ema = EMA(dit, decay=args.ema_decay)
+    ema = make_ema(dit, args)
     opt = adamw(dit.parameters(), dev, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay)
     sched = linear_warmup(opt, args.warmup)
     fm = FlowMatching()  # uniform t, linear path, velocity target (the reference)
@@ -122,7 +141,14 @@ def main(argv: list[str] | None = None, prog: str | None = None, doc: str | None
 
     ckpt_dir = out / "checkpoints"
     state = dict(dit=dit, ema=ema, opt=opt, sched=sched, data=loader)
+    stage = "stage 2 (reference DiT)" if prog == "train_reference.py" else "LatentDiT (stage 2 / 5)"
     start, log = resume_and_log(args, out, state, desc="LatentDiT" + (" (cache)" if args.latents else ""))
+    x_val, y_val, val_what = held_out(args, vae.config.image_size, dev)
+    with torch.no_grad():
+        z_val = vae.encode(x_val)  # normalised, as the training latents
+    n_cls = dit.config.num_classes
+    y_val = None if n_cls == 0 else (y_val if int(y_val.max()) < n_cls else torch.zeros_like(y_val))
+    initial_fm = held_out_fm_loss(dit, z_val, y_val, args.seed) if start == 0 else None
     means = RunningMeans()
     history: list[dict] = []
     for step in range(start, args.steps):
@@ -153,9 +179,18 @@ def main(argv: list[str] | None = None, prog: str | None = None, doc: str | None
             log.images(step, "samples", preview(ema.module, vae, y[:8], args.sample_steps, args.seed))
         if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
             save_checkpoint(ckpt_dir, step + 1, keep_last=args.keep_last, **state)
-    log.close()
 
-    summary = {"steps": args.steps, "start_step": start, "history": history}
+    # ---- end of the stage: held-out flow-matching loss of raw and EMA weights, final preview
+    raw_fm, ema_fm = (held_out_fm_loss(m, z_val, y_val, args.seed) for m in (dit, ema.module))
+    quality = {"metric": "flow_matching_loss", "data": val_what, "initial": initial_fm, "raw": raw_fm, "ema": ema_fm}
+    if is_main_process():
+        labels = (y_val if y_val is not None else torch.zeros(x_val.shape[0], dtype=torch.long, device=dev))[:8]
+        rows = [preview(m, vae, labels, args.sample_steps, args.seed) for m in (dit, ema.module)]
+        log.images(args.steps, "final", torch.cat(rows), nrow=labels.shape[0])
+    log.close()
+    quality_line(stage, val_what, "flow-matching loss", {"initial": initial_fm, "raw": raw_fm, "EMA": ema_fm})
+
+    summary = {"steps": args.steps, "start_step": start, "quality": quality, "history": history}
     if is_main_process():
         dit.save_pretrained(out / "dit")
         ema.module.save_pretrained(out / "dit_ema")
@@ -165,7 +200,7 @@ def main(argv: list[str] | None = None, prog: str | None = None, doc: str | None
 
 @torch.no_grad()
 def preview(dit: LatentDiT, vae: DMVAE, labels: torch.Tensor, num_steps: int, seed: int) -> torch.Tensor:
-    """Decoded Euler samples of the EMA model for ``labels`` (fixed noise): (n, 3, H, W) in [-1, 1]."""
+    """Decoded Euler samples of ``dit`` for ``labels`` (fixed noise): (n, 3, H, W) in [-1, 1]."""
     from dmvae.samplers import sample
 
     g = torch.Generator(labels.device).manual_seed(seed)

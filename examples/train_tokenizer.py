@@ -9,8 +9,12 @@ One explicit loop built from ``dmvae.training`` pieces. Each iteration:
 
     x_hat = vae(x);  rec = l1 |x_hat - x| + lpips LPIPS(x_hat, x)
     after --disc-start: g = -D(DiffAug(x_hat)); w = adaptive weight (global batch); loss = rec + 0.5 w g
-    VAE step (grad clip 1, warm-up, EMA 0.9999); then the discriminator step
+    VAE step (grad clip 1, warm-up, EMA 0.9999 with warm-up); then the discriminator step
     (hinge on DiffAug(cat[x, x_hat]) + bCR)
+
+At the end: the PSNR on held-out images (``--val-data``; with ``--data skimage``, bundled photos
+the run never sees) of the initial, the raw and the EMA weights on one line, and a final preview
+``<out>/images/final_<steps>.png`` (rows: originals, raw, EMA reconstructions).
 
 CPU demo on scikit-image photos (a few minutes; LPIPS needs local VGG weights, see docs/training.md):
 
@@ -36,12 +40,27 @@ import math
 from pathlib import Path
 
 import torch
+from _train_utils import (
+    adamw,
+    add_data_args,
+    add_ema_args,
+    add_run_args,
+    check_source,
+    held_out,
+    held_out_psnr,
+    load_lpips,
+    make_ema,
+    make_loader,
+    make_parser,
+    maybe_compile,
+    quality_line,
+    resume_and_log,
+    setup,
+)
 
-from _train_utils import (add_data_args, add_run_args, adamw, check_source, load_lpips, make_loader, make_parser,
-                          maybe_compile, resume_and_log, setup)
 from dmvae.autoencoder import DMVAE, DMVAEConfig
+from dmvae.dist import wrap_ddp
 from dmvae.training import (
-    EMA,
     DiffAugment,
     LatentStats,
     NLayerDiscriminator,
@@ -57,7 +76,6 @@ from dmvae.training import (
     save_checkpoint,
 )
 from dmvae.training.data import to_model_input
-from dmvae.dist import wrap_ddp
 from dmvae.training.logger import RunningMeans
 
 
@@ -70,7 +88,9 @@ def cpu_tiny_config(image_size: int) -> DMVAEConfig:
 def build_parser(prog: str | None = None, doc: str = __doc__) -> argparse.ArgumentParser:
     p = make_parser(doc, prog)
     p.add_argument("--out", required=True, help="run directory (checkpoints, final models, summary)")
-    p.add_argument("--preset", default="cpu-tiny", help="'cpu-tiny' or a DMVAE preset (dmvae-l, dmvae-b)")
+    p.add_argument("--preset", default="cpu-tiny",
+                   help="'cpu-tiny' (the dmvae-tiny preset with a lighter 32-64 channel decoder) or a DMVAE preset "
+                        "(dmvae-tiny, dmvae-b, dmvae-l)")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--init", default=None, help="start from this DMVAE (from_pretrained source), e.g. stage 3")
     p.add_argument("--init-encoder", nargs="?", const="", default=None,
@@ -84,7 +104,6 @@ def build_parser(prog: str | None = None, doc: str = __doc__) -> argparse.Argume
     p.add_argument("--weight-decay", type=float, default=0.005)
     p.add_argument("--disc-weight-decay", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=20, help="linear LR warm-up steps (reference 1000)")
-    p.add_argument("--ema-decay", type=float, default=0.9999)
     p.add_argument("--l1-weight", type=float, default=1.0)
     p.add_argument("--l2-weight", type=float, default=0.0)
     p.add_argument("--lpips-weight", type=float, default=1.0, help="0 = no LPIPS (needs no VGG weights)")
@@ -97,6 +116,7 @@ def build_parser(prog: str | None = None, doc: str = __doc__) -> argparse.Argume
     p.add_argument("--no-diffaug", dest="diffaug", action="store_false",
                    help="no DiffAugment in the GAN terms (then also --bcr-weight 0)")
     p.add_argument("--stats-batches", type=int, default=8, help="batches for latent_mean / latent_scale")
+    add_ema_args(p)
     add_data_args(p)
     add_run_args(p, log_every=10, image_every=0)
     return p
@@ -119,6 +139,7 @@ def make_vae(args: argparse.Namespace) -> DMVAE:
 
 def main(argv: list[str] | None = None, prog: str | None = None, doc: str | None = None) -> dict:
     args = build_parser(prog, doc or __doc__).parse_args(argv)
+    stage = "stage 4 (decoder fine-tune)" if args.freeze_bottleneck else "stage 1 (tokenizer)"
     info = setup(args)
     dev = info.device
     out = Path(args.out)
@@ -128,7 +149,7 @@ def main(argv: list[str] | None = None, prog: str | None = None, doc: str | None
     disc = NLayerDiscriminator(ndf=args.ndf, norm=args.disc_norm).to(dev)
     if info.world_size > 1 and args.disc_norm == "batch" and dev.type == "cuda":
         disc = torch.nn.SyncBatchNorm.convert_sync_batchnorm(disc)  # the reference's SyncBN
-    ema = EMA(vae, decay=args.ema_decay)
+    ema = make_ema(vae, args)
     betas = (0.9, 0.95)
     opt_vae = adamw(vae.parameters(), dev, lr=args.lr, betas=betas, weight_decay=args.weight_decay)
     opt_disc = adamw(disc.parameters(), dev, lr=args.disc_lr, betas=betas, weight_decay=args.disc_weight_decay)
@@ -143,7 +164,9 @@ def main(argv: list[str] | None = None, prog: str | None = None, doc: str | None
     ckpt_dir = out / "checkpoints"
     state = dict(vae=vae, ema=ema, disc=disc, opt_vae=opt_vae, opt_disc=opt_disc, sched_vae=sched_vae,
                  sched_disc=sched_disc, data=loader)
-    start, log = resume_and_log(args, out, state, desc="stage 1")
+    start, log = resume_and_log(args, out, state, desc=stage)
+    x_val, _, val_what = held_out(args, vae.config.image_size, dev)
+    initial_psnr = held_out_psnr(vae, x_val)[0] if start == 0 else None  # the weights every model starts from
     means = RunningMeans()
     history: list[dict] = []
     for step in range(start, args.steps):
@@ -197,7 +220,16 @@ def main(argv: list[str] | None = None, prog: str | None = None, doc: str | None
             log.images(step, "reconstruction", torch.cat([x[:8], x_hat.detach()[:8]]), nrow=min(8, x.shape[0]))
         if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
             save_checkpoint(ckpt_dir, step + 1, keep_last=args.keep_last, **state)
+
+    # ---- end of the stage: held-out PSNR of raw and EMA weights, final preview
+    raw_psnr, raw_rec = held_out_psnr(vae, x_val)
+    ema_psnr, ema_rec = held_out_psnr(ema.module, x_val)
+    quality = {"metric": "psnr_db", "data": val_what, "initial": initial_psnr, "raw": raw_psnr, "ema": ema_psnr}
+    n = min(8, x_val.shape[0])
+    if is_main_process():
+        log.images(args.steps, "final", torch.cat([x_val[:n], raw_rec[:n], ema_rec[:n]]), nrow=n)
     log.close()
+    quality_line(stage, val_what, "PSNR", {"initial": initial_psnr, "raw": raw_psnr, "EMA": ema_psnr}, " dB")
 
     # ---- latent statistics of the EMA model on centre crops, written into both configs
     stats = LatentStats()
@@ -209,7 +241,7 @@ def main(argv: list[str] | None = None, prog: str | None = None, doc: str | None
     mean, scale = stats.apply_to(ema.module)
     stats.apply_to(vae)
     summary = {"steps": args.steps, "start_step": start, "latent_mean": mean, "latent_scale": scale,
-               "history": history}
+               "quality": quality, "history": history}
     if is_main_process():
         vae.save_pretrained(out / "vae")
         ema.module.save_pretrained(out / "vae_ema")

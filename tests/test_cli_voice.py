@@ -17,8 +17,9 @@ import torch
 from PIL import Image
 
 import dmvae
-from dmvae.cli import _in_flag_names, _LineStream, build_parser, main
-from dmvae.cli._common import HelpFormatter, apply_threads, default_threads
+from dmvae.cli import _in_flag_names, build_parser, main
+from dmvae.cli._common import HelpFormatter, LineStream, apply_threads, default_threads
+
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
     action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
@@ -179,7 +180,7 @@ def test_progress_in_a_log_file_is_periodic_lines() -> None:
     from tqdm import tqdm
 
     sink = io.StringIO()
-    stream = _LineStream(sink, every=3600.0)
+    stream = LineStream(sink, every=3600.0)
     with tqdm(total=500, file=stream, mininterval=0, miniters=1) as bar:
         for _ in range(500):
             bar.update(1)

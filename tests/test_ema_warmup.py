@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch import nn
@@ -45,7 +47,7 @@ def test_warmup_reaches_the_fixed_decay_and_is_capped_by_it() -> None:
     assert ema.decay_at(31) == pytest.approx(1 - 31 ** (-2 / 3))  # ~0.9
     assert ema.decay_at(10_000) == 0.99
     decays = [ema.decay_at(k) for k in range(1, 2000)]
-    assert all(a <= b for a, b in zip(decays, decays[1:]))
+    assert all(a <= b for a, b in itertools.pairwise(decays))
 
 
 def test_without_warmup_the_decay_is_fixed_from_the_first_update() -> None:

@@ -73,14 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    stderr = sys.stderr
-    if not stderr.isatty() and not isinstance(stderr, _LineStream):
-        sys.stderr = _LineStream(stderr)  # progress bars in a log file: periodic lines, no \r flood
-    try:
+    from dmvae.cli._common import progress_as_lines
+
+    with progress_as_lines():  # progress bars in a log file: periodic lines, no \r flood
         return _run(args)
-    finally:
-        sys.stderr.flush()
-        sys.stderr = stderr
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -130,42 +126,6 @@ def _in_flag_names(text: str) -> str:
         text = re.sub(pattern, flag, text)
     return text
 
-
-class _LineStream:
-    """stderr for a log file: progress bars (text ended by ``\r``) become one line at most every
-    ``every`` seconds, ordinary text passes through line by line."""
-
-    def __init__(self, stream, every: float = 30.0) -> None:
-        self._stream, self._every, self._buf, self._last = stream, every, "", float("-inf")
-
-    def write(self, text: str) -> int:
-        import time
-
-        self._buf += text
-        while True:
-            cut = min((i for i in (self._buf.find("\r"), self._buf.find("\n")) if i >= 0), default=-1)
-            if cut < 0:
-                break
-            piece, ended_by, self._buf = self._buf[:cut], self._buf[cut], self._buf[cut + 1 :]
-            piece = piece.replace("\x1b[A", "").rstrip()
-            if not piece.strip():
-                continue
-            if ended_by == "\r":  # a bar frame about to be overwritten: keep one per period
-                now = time.monotonic()
-                if now - self._last < self._every:
-                    continue
-                self._last = now
-            self._stream.write(piece + "\n")
-        return len(text)
-
-    def flush(self) -> None:
-        self._stream.flush()
-
-    def isatty(self) -> bool:
-        return False
-
-    def __getattr__(self, name: str):
-        return getattr(self._stream, name)
 
 
 if __name__ == "__main__":  # pragma: no cover

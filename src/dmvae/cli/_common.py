@@ -30,14 +30,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import math
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "HelpFormatter",
+    "LineStream",
     "add_dit_args",
     "add_model_args",
     "add_output_args",
@@ -57,6 +58,7 @@ __all__ = [
     "int_range",
     "load_autoencoder",
     "load_dit",
+    "progress_as_lines",
     "writing",
 ]
 
@@ -112,9 +114,9 @@ def int_range(low: int | None = None, high: int | None = None) -> Callable[[str]
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if (low is not None and value < low) or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"must be in [{_fmt(low)}, {_fmt(high)}], got {value}")
-        return value
+        from dmvae.checks import check_int  # torch: imported when an option is parsed, not for --help
+
+        return _checked(check_int, value, low, high)
 
     parse.__name__ = "int"
     return parse
@@ -130,21 +132,21 @@ def float_range(
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-        too_low = low is not None and (value <= low if low_open else value < low)
-        too_high = high is not None and (value >= high if high_open else value > high)
-        if too_low or too_high:
-            lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-            raise argparse.ArgumentTypeError(f"must be in {lo}{_fmt(low)}, {_fmt(high)}{hi}, got {value:g}")
-        return value
+        from dmvae.checks import check_range
+
+        return _checked(check_range, value, low, high, low_open=low_open, high_open=high_open)
 
     parse.__name__ = "float"
     return parse
 
 
-def _fmt(v: float | None) -> str:
-    return "inf" if v is None else f"{v:g}"
+def _checked(check: Callable[..., Any], value: Any, *args: Any, **kwargs: Any) -> Any:
+    """``check`` (a :mod:`dmvae.checks` function) as an argparse type check: its error without the name
+    (argparse puts the option's flag in front)."""
+    try:
+        return check("value", value, *args, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("value ")) from None
 
 
 def add_model_args(parser: argparse.ArgumentParser, *, default: str | None = "sen-ye/dmvae") -> None:
@@ -246,6 +248,65 @@ def add_output_args(parser: argparse.ArgumentParser, *, what: str, required: boo
 
 def add_quiet_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="hide progress bars")
+
+
+# ################################################################################################
+# progress in log files
+# ################################################################################################
+
+
+class LineStream:
+    """stderr for a log file: progress bars (text ended by ``\\r``) become one line at most every
+    ``every`` seconds, ordinary text passes through line by line."""
+
+    def __init__(self, stream, every: float = 30.0) -> None:
+        self._stream, self._every, self._buf, self._last = stream, every, "", float("-inf")
+
+    def write(self, text: str) -> int:
+        import time
+
+        self._buf += text
+        while True:
+            cut = min((i for i in (self._buf.find("\r"), self._buf.find("\n")) if i >= 0), default=-1)
+            if cut < 0:
+                break
+            piece, ended_by, self._buf = self._buf[:cut], self._buf[cut], self._buf[cut + 1 :]
+            piece = piece.replace("\x1b[A", "").rstrip()
+            if not piece.strip():
+                continue
+            if ended_by == "\r":  # a bar frame about to be overwritten: keep one per period
+                now = time.monotonic()
+                if now - self._last < self._every:
+                    continue
+                self._last = now
+            self._stream.write(piece + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def progress_as_lines(every: float = 30.0) -> Iterator[None]:
+    """While active, and only when stderr is not a terminal: progress bars written to stderr come
+    out as one line every ``every`` seconds (and their last state), not a stream of ``\\r`` frames.
+    Used by ``dmvae`` and the stage examples."""
+    stderr = sys.stderr
+    if stderr.isatty() or isinstance(stderr, LineStream):
+        yield
+        return
+    sys.stderr = LineStream(stderr, every)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        sys.stderr = stderr
 
 
 # ################################################################################################

@@ -9,7 +9,13 @@ import argparse
 import json
 from pathlib import Path
 
-from dmvae.cli._common import add_parser, add_quiet_arg, add_threads_arg, float_range, int_range
+from dmvae.cli._common import (
+    add_parser,
+    add_quiet_arg,
+    add_threads_arg,
+    float_range,
+    int_range,
+)
 
 
 def register(subparsers) -> None:
