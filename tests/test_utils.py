@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from dmvae._utils import unwrap_model
+from dmvae._utils import eval_mode, unwrap_model
 from dmvae.ema import EMA
 
 
@@ -22,3 +22,18 @@ def test_ema_wraps_the_plain_module_under_dataparallel():
     ema = EMA(nn.DataParallel(m), decay=0.5)
     assert type(ema.module) is nn.Linear
     assert ema.online is m
+
+
+def test_eval_mode_restores_each_submodule_flag_even_after_an_error():
+    net = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))
+    net.train()
+    net[0].eval()  # a frozen part
+    seen = []
+    try:
+        with eval_mode(net, lambda x: x):  # non-modules (plain callables) are ignored
+            seen = [m.training for m in net.modules()]
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert seen == [False, False, False]
+    assert [m.training for m in net.modules()] == [True, False, True]
