@@ -67,9 +67,9 @@ def add_data_args(p: argparse.ArgumentParser, *, data_help: str = "") -> None:
     g.add_argument("--num-classes", type=int, default=None, help="label count for tar shards (else from the data)")
     g.add_argument("--prefetch-factor", type=int, default=None, help="batches prefetched per worker (torch default 2)")
     g.add_argument("--val-data", default=None,
-                   help="held-out images for the end-of-stage figure and preview (default: with --data skimage, "
-                        f"bundled photos the run never trains on ({', '.join(SKIMAGE_HELD_OUT)}); otherwise the "
-                        "first images of --data, which are NOT held out)")
+                   help="held-out images for the end-of-stage figure and preview (default: with --data skimage "
+                        f"or tar shards, bundled photos the run never trains on ({', '.join(SKIMAGE_HELD_OUT)}); "
+                        "with an image folder or file list, images spread over --data, which are NOT held out)")
     g.add_argument("--val-images", type=int, default=16, help="held-out images used (each also mirrored)")
 
 
@@ -218,8 +218,9 @@ def held_out(args: argparse.Namespace, image_size: int, device: torch.device) ->
             dataset, what = SkimagePhotos(transform, repeats=1, names=SKIMAGE_HELD_OUT), "held-out photos"
         elif not _is_shards(args.data):
             dataset, what = build_dataset(args.data, transform), f"{args.data} (training images: pass --val-data)"
-        else:
-            raise fail("tar shards have no held-out images: pass --val-data FOLDER")
+        else:  # a stream has no fixed images: the bundled held-out photos, until --val-data is given
+            dataset = SkimagePhotos(transform, repeats=1, names=SKIMAGE_HELD_OUT)
+            what = "held-out photos (bundled: pass --val-data for your data)"
     except (FileNotFoundError, ValueError) as e:
         raise fail(str(e)) from None
     n = max(1, min(args.val_images, len(dataset)))
