@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from dmvae.autoencoder import DMVAE, DMVAEConfig
+from dmvae.cli._common import HelpFormatter, add_threads_arg, apply_threads
 from dmvae.dit import LatentDiT, LatentDiTConfig
 from dmvae.generate import generate_npz
 from dmvae.image import to_uint8_numpy
@@ -41,9 +42,11 @@ def tiny_models() -> tuple[LatentDiT, DMVAE]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=HelpFormatter)
     parser.add_argument("--out", default="dmvae_example", help="output directory")
+    add_threads_arg(parser)
     args = parser.parse_args()
+    apply_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
