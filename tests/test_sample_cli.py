@@ -221,13 +221,3 @@ def test_existing_outputs_are_refused_before_loading(dit_dir, fake_vae, tmp_path
     assert fake_vae["loads"] == 0 and (tmp_path / "g.png").read_bytes() == b"keep"
     assert _sample("--dit", str(dit_dir), "-o", str(tmp_path / "g.png"), "--classes", "0", "--overwrite") == 0
     assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
-
-
-def test_old_spellings_still_work(dit_dir, fake_vae, tmp_path, capsys) -> None:
-    rc = main(["sample", "--dit", str(dit_dir), "--vae", "x", "--vae-preset", "dmvae-l", "--vae-ema",
-               "--dit-raw", "--num-per-class", "1", "--npz", str(tmp_path / "o.npz"), "--steps", "2",
-               "--device", "cpu", "--no-progress"])  # fmt: skip
-    assert rc == 0 and (tmp_path / "o.npz").is_file()
-    err = capsys.readouterr().err
-    for old in ("--vae", "--vae-preset", "--vae-ema", "--dit-raw", "--npz", "--no-progress"):
-        assert f"{old} is deprecated" in err
