@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # each check loads in a fresh interpreter (HF_HUB_OFFLINE set before import)
+
 COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
 
 
