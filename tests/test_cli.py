@@ -27,6 +27,18 @@ def test_help_lists_every_command(capsys) -> None:
         assert cmd in out
 
 
+def test_dunder_main_runs_the_cli(monkeypatch, capsys) -> None:
+    """``python -m dmvae`` in process: dmvae/__main__.py hands argv to the CLI and exits with its code."""
+    import runpy
+
+    import dmvae
+
+    monkeypatch.setattr(sys, "argv", ["dmvae", "--version"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_module("dmvae.__main__", run_name="__main__")
+    assert e.value.code in (0, None) and capsys.readouterr().out.strip() == f"dmvae {dmvae.__version__}"
+
+
 @pytest.mark.slow  # a fresh interpreter
 def test_python_dash_m_entry_point() -> None:
     out = subprocess.run(
