@@ -99,9 +99,7 @@ def train_classifier(
         idx = draw()
         logits, _ = model(aug(images[idx], g))
         loss = F.cross_entropy(logits, labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        optimizer_step(opt, loss)
     return model.eval().requires_grad_(False)
 
 
@@ -112,11 +110,31 @@ def classifier_outputs(model: FeatureClassifier, images: Tensor, chunk: int = 51
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
 
-def _cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """5 % linear warm-up, then cosine decay to 0 over ``steps``."""
+def cosine_schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """5 % linear warm-up, then cosine decay to 0 over ``steps`` (every network the experiment trains)."""
     warm = max(1, steps // 20)
     return torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(i / steps, 1.0))))
+
+
+def optimizer_step(opt: torch.optim.Optimizer, loss: Tensor,
+                   sched: torch.optim.lr_scheduler.LRScheduler | None = None) -> None:
+    """One training step: clear the gradients, backpropagate ``loss``, step ``opt`` (and ``sched``)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if sched is not None:
+        sched.step()
+
+
+def _pretraining(encoder: nn.Module, head: nn.Module, n: int, batch_size: int, lr: float, steps: int,
+                 generator: torch.Generator) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR,
+                                                      Callable[[], Tensor]]:
+    """AdamW over the encoder and its head with the cosine schedule, a batch-index drawer over ``n``
+    images, and the encoder switched to training (both encoder pre-trainings start this way)."""
+    opt = torch.optim.AdamW([*encoder.parameters(), *head.parameters()], lr=lr, weight_decay=1e-4)
+    encoder.train().requires_grad_(True)
+    return opt, cosine_schedule(opt, steps), _batches(n, batch_size, generator)
 
 
 def _pooled(encoder: nn.Module, x: Tensor) -> Tensor:
@@ -163,11 +181,7 @@ def pretrain_ssl_encoder(
     dim = encoder.embed_dim
     with seeded(seed):
         head = nn.Sequential(nn.Linear(dim, 2 * dim), nn.ReLU(), nn.Linear(2 * dim, 64))
-    params = [*encoder.parameters(), *head.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    sched = _cosine(opt, steps)
-    draw = _batches(images.shape[0], batch_size, g)
-    encoder.train().requires_grad_(True)
+    opt, sched, draw = _pretraining(encoder, head, images.shape[0], batch_size, lr, steps, g)
     for _ in range(steps):
         x = images[draw()]
         b = x.shape[0]
@@ -177,10 +191,7 @@ def pretrain_ssl_encoder(
         sim = sim.masked_fill(torch.eye(2 * b, dtype=torch.bool), float("-inf"))
         target = torch.cat([torch.arange(b, 2 * b), torch.arange(b)])  # index of the other view
         loss = F.cross_entropy(sim, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        optimizer_step(opt, loss, sched)
     return encoder.eval().requires_grad_(False)
 
 
@@ -193,16 +204,9 @@ def pretrain_supervised_encoder(
     g = torch.Generator().manual_seed(seed)
     with seeded(seed):
         head = nn.Linear(encoder.embed_dim, num_classes)
-    params = [*encoder.parameters(), *head.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    sched = _cosine(opt, steps)
-    draw = _batches(images.shape[0], batch_size, g)
-    encoder.train().requires_grad_(True)
+    opt, sched, draw = _pretraining(encoder, head, images.shape[0], batch_size, lr, steps, g)
     for _ in range(steps):
         idx = draw()
         loss = F.cross_entropy(head(_pooled(encoder, ssl_views(images[idx], g))), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+        optimizer_step(opt, loss, sched)
     return encoder.eval().requires_grad_(False)

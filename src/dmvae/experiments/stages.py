@@ -18,7 +18,6 @@ Nothing here seeds the global RNG: models are built and trained inside
 from __future__ import annotations
 
 import inspect
-import math
 from collections.abc import Callable
 
 import torch
@@ -32,7 +31,7 @@ from dmvae import (
     fit_reference_model,
 )
 from dmvae.ema import EMA
-from dmvae.experiments.nets import seeded
+from dmvae.experiments.nets import cosine_schedule, optimizer_step, seeded
 from dmvae.experiments.settings import Table1Settings
 from dmvae.latent_stats import LatentStats
 from dmvae.losses import ReconstructionLoss
@@ -90,13 +89,6 @@ def measure_latent_stats(vae: DMVAE, images: Tensor) -> tuple[float, float]:
     return stats.apply_to(vae, sync=False)
 
 
-def _cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """5 % linear warm-up, then cosine decay to 0 over ``steps`` (every autoencoder stage)."""
-    warm = max(1, steps // 20)
-    return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: min(1.0, (i + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(i / steps, 1.0))))
-
-
 def _trainable(vae: DMVAE, part: str) -> list[nn.Parameter]:
     """``"all"``: every parameter that requires grad; ``"decoder"``: the decoder alone (stage 4)."""
     if part == "decoder":
@@ -113,16 +105,13 @@ def train_autoencoder(vae: DMVAE, images: Tensor, *, steps: int, lr: float, batc
     g = torch.Generator().manual_seed(seed)
     rec_loss = ReconstructionLoss(l1_weight=1.0, l2_weight=0.0, lpips_weight=0.0)
     opt = torch.optim.AdamW(_trainable(vae, part), lr=lr, weight_decay=0.0)
-    sched = _cosine(opt, steps)
+    sched = cosine_schedule(opt, steps)
     vae.train()
     with seeded(seed):
         for _ in range(steps):
             x = images[torch.randint(images.shape[0], (batch_size,), generator=g)]  # (B, 3, S, S)
             loss, _ = rec_loss(vae(x).reconstruction, x)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            optimizer_step(opt, loss, sched)
     return vae.eval()
 
 
@@ -145,7 +134,7 @@ def train_dm_stage(
     rec_loss = ReconstructionLoss(l1_weight=1.0, l2_weight=0.0, lpips_weight=0.0)
     vae.requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=s.stage3_lr, weight_decay=0.0)
-    sched = _cosine(opt, s.stage3_steps)
+    sched = cosine_schedule(opt, s.stage3_steps)
     fake_opt = None
     if dm is not None:
         dm.fake.train().requires_grad_(True)
@@ -165,19 +154,14 @@ def train_dm_stage(
                 if dm is not None and dm_weight > 0:
                     l_dm, _ = dm(out.normalized_latents, y, generator=g)
                     loss = loss + dm_weight * l_dm
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
+                optimizer_step(opt, loss, sched)
                 z = out.normalized_latents.detach()
             elif dm is not None:
                 with torch.no_grad():
                     z = vae.encode(x)  # (B, C, h, w), normalised with the (fixed) stage-1 statistics
             if dm is not None:
                 f_loss, _ = dm.fake_loss(z, y, generator=g)
-                fake_opt.zero_grad(set_to_none=True)
-                f_loss.backward()
-                fake_opt.step()
+                optimizer_step(fake_opt, f_loss)
     if dm is not None:
         dm.fake.eval().requires_grad_(False)
     return vae.eval()
