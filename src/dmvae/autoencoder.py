@@ -248,16 +248,8 @@ class DMVAE(nn.Module, HubMixin):
         return self
 
     def compile(  # type: ignore[override]
-        self,
-        *,
-        encoder: bool = True,
-        decoder: bool = True,
-        channels_last: bool = True,
-        freezing: bool = False,
-        fullgraph: bool = True,
-        dynamic: bool | None = None,
-        mode: str | None = None,
-        backend: str = "inductor",
+        self, *, encoder: bool = True, decoder: bool = True, channels_last: bool = True, freezing: bool = False,
+        fullgraph: bool = True, dynamic: bool | None = None, mode: str | None = None, backend: str = "inductor",
     ) -> DMVAE:
         """Compile encode / decode with ``torch.compile``, in place (see ``docs/performance.md``).
 
@@ -362,14 +354,8 @@ class DMVAE(nn.Module, HubMixin):
         with self._autocast(autocast):
             return self._chunked(lambda c: self.encoder(c).float(), x, chunk_size)
 
-    def encode(
-        self,
-        images: Tensor,
-        normalize: bool = True,
-        *,
-        chunk_size: int | None = None,
-        autocast: bool = False,
-    ) -> Tensor:
+    def encode(self, images: Tensor, normalize: bool = True, *, chunk_size: int | None = None,
+               autocast: bool = False) -> Tensor:
         """Images (B, 3, H, W) in [-1, 1] -> latents (B, z, H/p, W/p), float32.
 
         Args:
@@ -388,14 +374,8 @@ class DMVAE(nn.Module, HubMixin):
             z = self._chunked(self._encode_raw, x, chunk_size)  # (B, z, h, w)
         return self.normalize_latents(z) if normalize else z
 
-    def decode(
-        self,
-        latents: Tensor,
-        normalize: bool = True,
-        *,
-        chunk_size: int | None = None,
-        autocast: bool = False,
-    ) -> Tensor:
+    def decode(self, latents: Tensor, normalize: bool = True, *, chunk_size: int | None = None,
+               autocast: bool = False) -> Tensor:
         """Latents (B, z, h, w) -> images (B, 3, h*p, w*p), float32, unbounded (nominally [-1, 1]).
 
         Args:

@@ -160,12 +160,7 @@ class LatentDiT(nn.Module, HubMixin):
         return self.enable_gradient_checkpointing(False)
 
     def compile(  # type: ignore[override]
-        self,
-        *,
-        regional: bool = True,
-        fullgraph: bool = True,
-        dynamic: bool | None = None,
-        mode: str | None = None,
+        self, *, regional: bool = True, fullgraph: bool = True, dynamic: bool | None = None, mode: str | None = None,
         backend: str = "inductor",
     ) -> LatentDiT:
         """``torch.compile`` in place (see ``docs/performance.md``); returns ``self``.
