@@ -90,25 +90,15 @@ class ReferencePrior(nn.Module, abc.ABC):
     ) -> torch.Tensor:
         """Draw ``n`` samples, shape ``(n, *self.shape)``, float32."""
 
-    def velocity(
-        self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def velocity(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Flow-matching velocity ``E[x - eps | x_t]`` of p_r at time ``t`` (t = 1 data)."""
-        if type(self).predict_x is ReferencePrior.predict_x:
-            raise NotImplementedError(
-                f"{type(self).__name__} must implement velocity() or predict_x()"
-            )
+        self._check_overrides("predict_x")
         x_t, t = self._check_xt(x_t, t)
         return velocity_from_data(x_t, self.predict_x(x_t, t, labels), t, eps=MIN_ONE_MINUS_T)
 
-    def predict_x(
-        self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def predict_x(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Posterior mean ``E[x | x_t] = x_t + (1 - t) v(x_t, t)`` (the DM loss's x_hat)."""
-        if type(self).velocity is ReferencePrior.velocity:
-            raise NotImplementedError(
-                f"{type(self).__name__} must implement velocity() or predict_x()"
-            )
+        self._check_overrides("velocity")
         x_t, t = self._check_xt(x_t, t)
         return data_from_velocity(x_t, self.velocity(x_t, t, labels), t)
 
@@ -133,6 +123,11 @@ class ReferencePrior(nn.Module, abc.ABC):
     def dim(self) -> int:
         """Number of scalars in one sample."""
         return math.prod(self.shape)
+
+    def _check_overrides(self, other: str) -> None:
+        """Each of velocity() / predict_x() is derived from the other: a subclass must override one."""
+        if getattr(type(self), other) is getattr(ReferencePrior, other):
+            raise NotImplementedError(f"{type(self).__name__} must implement velocity() or predict_x()")
 
     def _check_xt(self, x_t: torch.Tensor, t: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(x_t, torch.Tensor):
