@@ -70,31 +70,20 @@ def _check_value(value: Any, annotation: Any, where: str) -> Any:
         if args and len(args) != len(value):
             raise TypeError(f"{where}: expected {len(args)} items, got {len(value)}: {value!r}")
         return tuple(_check_value(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin in (dict, Mapping) or annotation is dict:
-        if not isinstance(value, dict):
-            raise TypeError(f"{where}: expected a dict, got {type(value).__name__} {value!r}")
-        return value
-    if origin in (list,) or annotation is list:
-        if not isinstance(value, list):
-            raise TypeError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
-        return value
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise TypeError(f"{where}: expected true or false, got {type(value).__name__} {value!r}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{where}: expected an int, got {type(value).__name__} {value!r}")
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
-        return float(value)
-    if annotation is str:
-        if not isinstance(value, str):
-            raise TypeError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
-        return value
+    kind = dict if origin in (dict, Mapping) else list if origin is list else annotation
+    if kind in _JSON_KINDS:
+        accepted, expected = _JSON_KINDS[kind]
+        if not isinstance(value, accepted) or (isinstance(value, bool) and kind in (int, float)):
+            raise TypeError(f"{where}: expected {expected}, got {type(value).__name__} {value!r}")
+        return float(value) if kind is float else value
     return value
+
+
+# A plain field type -> (the JSON values it accepts, how an error names it); bool is not an int here.
+_JSON_KINDS: dict[Any, tuple[type | tuple[type, ...], str]] = {
+    dict: (dict, "a dict"), list: (list, "a list"), bool: (bool, "true or false"), int: (int, "an int"),
+    float: ((int, float), "a number"), str: (str, "a string"),
+}
 
 
 class ConfigMixin:
