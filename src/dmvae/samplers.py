@@ -238,14 +238,8 @@ def _steps(n: int, progress: bool, desc: str) -> Any:
     return tqdm(range(n), desc=desc, leave=False)
 
 
-def _fixed_grid(
-    v: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    grid: torch.Tensor,
-    heun: bool,
-    progress: bool,
-    keep: bool,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _fixed_grid(v: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, grid: torch.Tensor,
+                heun: bool, progress: bool, keep: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
     traj = [x] if keep else []
     times = grid.tolist()  # the grid's values on the host, read once (no sync inside the loop)
     for k in _steps(len(grid) - 1, progress, "heun" if heun else "euler"):
@@ -263,14 +257,9 @@ def _fixed_grid(
 
 
 def _sde_euler_maruyama(
-    v: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    num_steps: int,
-    last_step_size: float,
-    generator: torch.Generator | None,
-    sde_noise: torch.Tensor | Callable[[int, torch.Tensor], torch.Tensor] | None,
-    progress: bool,
-    keep: bool,
+    v: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, num_steps: int, last_step_size: float,
+    generator: torch.Generator | None, sde_noise: torch.Tensor | Callable[[int, torch.Tensor], torch.Tensor] | None,
+    progress: bool, keep: bool,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Euler-Maruyama; ``keep`` collects the states for ``return_trajectory`` (else none is held)."""
     grid = sde_time_grid(num_steps, last_step_size, device=x.device)
@@ -308,13 +297,8 @@ def _sde_euler_maruyama(
     return x, traj
 
 
-def _dopri5(
-    v: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    grid: torch.Tensor,
-    atol: float,
-    rtol: float,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _dopri5(v: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, grid: torch.Tensor, atol: float,
+            rtol: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
     try:
         from torchdiffeq import odeint
     except ImportError as e:  # optional dependency
