@@ -17,7 +17,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
+from typing import IO, Union
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "TRANSPARENCY_BACKGROUND",
     "center_crop_arr",
+    "decode_image",
     "folder_class_labels",
     "list_images",
     "load_image",
@@ -143,12 +144,18 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
     p = Path(os.path.expanduser(text))
     if not p.is_file():
         raise FileNotFoundError(f"image file not found: {p}")
+    return decode_image(p, str(p))
+
+
+def decode_image(source: str | os.PathLike[str] | IO[bytes], where: str) -> Image.Image:
+    """Open, fully read and convert to RGB one image (a path or a binary file object, e.g. the
+    ``io.BytesIO`` of a tar member); an unreadable image raises ``ValueError`` naming ``where``."""
     try:
-        with Image.open(p) as img:
+        with Image.open(source) as img:
             img.load()
             return pil_to_rgb(img)
     except (OSError, Image.DecompressionBombError) as e:
-        raise ValueError(f"could not read {p} as an image: {e}") from e
+        raise ValueError(f"could not read {where} as an image: {e}") from e
 
 
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:

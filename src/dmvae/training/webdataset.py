@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from dmvae.dist import get_rank
-from dmvae.image import pil_to_rgb
+from dmvae.image import decode_image
 
 __all__ = ["IMAGE_KEYS", "ShardLoader"]
 
@@ -132,12 +132,7 @@ def _pick(sample: dict[str, Any]) -> tuple[bytes, int, str]:
 
 
 def _decode(data: bytes, where: str = "tar sample") -> Image.Image:
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return pil_to_rgb(img)
-    except (OSError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{where}: the image cannot be decoded ({e})") from e
+    return decode_image(io.BytesIO(data), where)
 
 
 class ShardLoader:
