@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dmvae.image import center_crop_arr, load_image, pil_to_tensor, tensor_to_pil, to_uint8_numpy
+from dmvae.image import center_crop_arr, decode_image, load_image, pil_to_tensor, tensor_to_pil, to_uint8_numpy
 
 
 def _rgb(h: int, w: int, seed: int = 0) -> Image.Image:
@@ -29,6 +29,17 @@ def test_load_image(tmp_path: Path) -> None:
     (tmp_path / "bad.png").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="could not read"):
         load_image(tmp_path / "bad.png")
+
+
+def test_decode_image_from_bytes_names_the_source() -> None:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((4, 6), 7, dtype=np.uint8), mode="L").save(buf, format="PNG")
+    img = decode_image(io.BytesIO(buf.getvalue()), "shard-0.tar:000001")
+    assert img.mode == "RGB" and img.size == (6, 4) and np.asarray(img).max() == 7
+    with pytest.raises(ValueError, match="could not read shard-0.tar:000002 as an image"):
+        decode_image(io.BytesIO(b"not an image"), "shard-0.tar:000002")
 
 
 @pytest.mark.parametrize("w,h", [(300, 451), (1024, 700), (256, 256), (100, 80)])
