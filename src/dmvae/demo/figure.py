@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -97,10 +97,7 @@ def save_figure(
         grid, vec = fld
         ax.quiver(grid[:, 0], grid[:, 1], vec[:, 0], vec[:, 1], color=_RED, label="-g (descent direction)")
     for ax, name in zip(axes, names):
-        ax.set_title(name, fontsize=10)
-        ax.set_xlim(-_LIM, _LIM)
-        ax.set_ylim(-_LIM, _LIM)
-        ax.set_aspect("equal")
+        _square_panel(ax, name, fontsize=10)
     handles, labels = [], []
     for ax in axes:
         h, lab = ax.get_legend_handles_labels()
@@ -112,6 +109,14 @@ def save_figure(
         fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     return atomic_write_bytes(path, _png_bytes(fig))
+
+
+def _square_panel(ax: Any, title: str, fontsize: int) -> None:
+    """Title a panel and show [-_LIM, _LIM]^2 at equal aspect (every panel of both figures)."""
+    ax.set_title(title, fontsize=fontsize)
+    ax.set_xlim(-_LIM, _LIM)
+    ax.set_ylim(-_LIM, _LIM)
+    ax.set_aspect("equal")
 
 
 def save_compare_figure(
@@ -135,10 +140,7 @@ def save_compare_figure(
     for ax, name, r in zip(axes, names, runs.values()):
         ax.scatter(reference[:, 0], reference[:, 1], s=1, c=_GREY, alpha=0.5, label="reference samples")
         ax.scatter(r.points[:, 0], r.points[:, 1], s=2, c=_RED, label="aligned points")
-        ax.set_title(name, fontsize=9)
-        ax.set_xlim(-_LIM, _LIM)
-        ax.set_ylim(-_LIM, _LIM)
-        ax.set_aspect("equal")
+        _square_panel(ax, name, fontsize=9)
     for ax in axes[n:]:
         ax.set_axis_off()
     h, lab = axes[0].get_legend_handles_labels()
