@@ -103,11 +103,15 @@ def save_figure(
         h, lab = ax.get_legend_handles_labels()
         handles += h
         labels += lab
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, markerscale=4,
-               frameon=False)
+    return _finish(fig, path, handles, labels, title, bottom=0.06)
+
+
+def _finish(fig: Any, path: str | Path, handles: list, labels: list, title: str, bottom: float) -> Path:
+    """One legend row under the panels, the title, and the PNG written atomically."""
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, markerscale=4, frameon=False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     return atomic_write_bytes(path, _png_bytes(fig))
 
 
@@ -143,12 +147,7 @@ def save_compare_figure(
         _square_panel(ax, name, fontsize=9)
     for ax in axes[n:]:
         ax.set_axis_off()
-    h, lab = axes[0].get_legend_handles_labels()
-    fig.legend(h, lab, loc="lower center", ncol=2, fontsize=9, markerscale=4, frameon=False)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    return atomic_write_bytes(path, _png_bytes(fig))
+    return _finish(fig, path, *axes[0].get_legend_handles_labels(), title, bottom=0.04)
 
 
 def _save_pil(path: Path, reference: torch.Tensor, point_sets: list[torch.Tensor], names: list[str],
