@@ -291,16 +291,9 @@ class DistributionMatchingLoss(nn.Module):
         bd = DMBreakdown(loss.detach(), g, g.flatten(1).norm(dim=1).mean(), w, t, x_t, pred_r, pred_f)
         return loss, bd
 
-    def gradient(
-        self,
-        latents: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        *,
-        t: torch.Tensor | float | None = None,
-        noise: torch.Tensor | None = None,
-        step: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
+    def gradient(self, latents: torch.Tensor, labels: torch.Tensor | None = None, *,
+                 t: torch.Tensor | float | None = None, noise: torch.Tensor | None = None, step: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
         """The update direction g itself (E1): ``latents - lr * g`` is one descent step.
 
         Equals ``numel * dL/dz``. Does not advance the step counter.
@@ -312,15 +305,9 @@ class DistributionMatchingLoss(nn.Module):
         return self._dm(z, labels, t_, noise_)[1].grad
 
     # ------------------------------------------------------------------ Eq. 7: the fake score
-    def fake_loss(
-        self,
-        latents: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        *,
-        t: torch.Tensor | float | None = None,
-        noise: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def fake_loss(self, latents: torch.Tensor, labels: torch.Tensor | None = None, *,
+                  t: torch.Tensor | float | None = None, noise: torch.Tensor | None = None,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Flow-matching loss training ``fake`` on detached latents (paper Eq. 7).
 
         :class:`~dmvae.transport.FlowMatching` on ``sg(z)``: ``x_t = t sg(z) + (1 - t) eps`` with
