@@ -174,9 +174,7 @@ def noise_from_velocity(x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> 
     return x_t - _expand(t, x_t) * v
 
 
-def score_from_velocity(
-    x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor, eps: float = DEFAULT_EPS
-) -> torch.Tensor:
+def score_from_velocity(x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor, eps: float = DEFAULT_EPS) -> torch.Tensor:
     """Score ``(t v - x_t) / (1 - t)``; the divisor is clamped to >= ``eps`` (singular at t = 1)."""
     te = _expand(t, x_t)
     return (te * v - x_t) / (1 - te).clamp_min(eps)
@@ -206,12 +204,9 @@ def velocity_from_score(
     return ((1 - te) * score + x_t) / te.clamp_min(eps)
 
 
-def velocity_from_data(
-    x_t: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, eps: float = DEFAULT_EPS
-) -> torch.Tensor:
+def velocity_from_data(x_t: torch.Tensor, x1: torch.Tensor, t: torch.Tensor, eps: float = DEFAULT_EPS) -> torch.Tensor:
     """Velocity ``(x̂1 - x_t) / (1 - t)``; the divisor is clamped to >= ``eps`` (singular at t = 1)."""
-    te = _expand(t, x_t)
-    return (x1 - x_t) / (1 - te).clamp_min(eps)
+    return (x1 - x_t) / (1 - _expand(t, x_t)).clamp_min(eps)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -377,13 +372,8 @@ def sample_shape(model: Any) -> tuple[int, ...] | None:
     return None
 
 
-def call_model(
-    model: Callable[..., torch.Tensor],
-    x: torch.Tensor,
-    t: torch.Tensor,
-    labels: torch.Tensor | None,
-    **model_kwargs: Any,
-) -> torch.Tensor:
+def call_model(model: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
+               **model_kwargs: Any) -> torch.Tensor:
     """``model(x, t, labels)`` with ``x`` reshaped to the model's input shape and the output back.
 
     Lets vector latents (B, D) meet a LatentDiT over (B, C, H, W) with C H W = D (e.g. 2-D points
