@@ -32,10 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "OUT/cats/a.png). Prints the PSNR of each reconstruction. Images smaller than the crop are "
         "upscaled (with a note).",
     )
-    p.add_argument("images", nargs="+", help="image files or directories")
-    add_output_args(p, what="output directory")
-    p.add_argument("--image-size", type=int_range(1), default=None,
-                   help="centre-crop size (default: the model's image_size)")
+    _add_image_inputs(p, what="output directory")
     p.add_argument("--batch-size", type=int_range(1), default=8, help="images per model call")
     p.add_argument("--json", action="store_true", help="print one JSON object per image (input, output, psnr)")
     add_model_args(p)
@@ -51,10 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "the file paths relative to their input folder ('files'), the class names ('classes') and "
         "the normalisation.",
     )
-    p.add_argument("images", nargs="+", help="image files or directories")
-    add_output_args(p, what="output .safetensors file")
-    p.add_argument("--image-size", type=int_range(1), default=None,
-                   help="centre-crop size (default: the model's image_size)")
+    _add_image_inputs(p, what="output .safetensors file")
     p.add_argument("--raw", action="store_true", help="store raw (un-normalised) latents")
     p.add_argument("--batch-size", type=int_range(1), default=8, help="images per model call")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
@@ -77,6 +71,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     add_model_args(p)
     p.set_defaults(func=run_decode)
+
+
+def _add_image_inputs(p: argparse.ArgumentParser, what: str) -> None:
+    """The image inputs of reconstruct and encode: files or folders, the output, the crop size."""
+    p.add_argument("images", nargs="+", help="image files or directories")
+    add_output_args(p, what=what)
+    p.add_argument("--image-size", type=int_range(1), default=None,
+                   help="centre-crop size (default: the model's image_size)")
 
 
 def _crops(paths: list[Path], size: int, warn: bool = True) -> list[Any]:
