@@ -110,13 +110,9 @@ def int_range(low: int | None = None, high: int | None = None) -> Callable[[str]
     """argparse type: an int in ``[low, high]``."""
 
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         from dmvae.checks import check_int  # torch: imported when an option is parsed, not for --help
 
-        return _checked(check_int, value, low, high)
+        return _checked(text, int, "an integer", check_int, low, high)
 
     parse.__name__ = "int"
     return parse
@@ -128,21 +124,22 @@ def float_range(
     """argparse type: a finite float in the interval (``low_open`` / ``high_open`` exclude the ends)."""
 
     def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
         from dmvae.checks import check_range
 
-        return _checked(check_range, value, low, high, low_open=low_open, high_open=high_open)
+        return _checked(text, float, "a number", check_range, low, high, low_open=low_open, high_open=high_open)
 
     parse.__name__ = "float"
     return parse
 
 
-def _checked(check: Callable[..., Any], value: Any, *args: Any, **kwargs: Any) -> Any:
-    """``check`` (a :mod:`dmvae.checks` function) as an argparse type check: its error without the name
-    (argparse puts the option's flag in front)."""
+def _checked(text: str, convert: Callable[[str], Any], kind: str, check: Callable[..., Any], *args: Any,
+             **kwargs: Any) -> Any:
+    """``text`` converted, then ``check`` (a :mod:`dmvae.checks` function) as an argparse type check:
+    errors without the value's name (argparse puts the option's flag in front)."""
+    try:
+        value = convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
     try:
         return check("value", value, *args, **kwargs)
     except (TypeError, ValueError) as e:
