@@ -7,7 +7,7 @@ import pytest
 
 import dmvae
 from dmvae import DMVAE, DMVAEConfig, LatentDiT, LatentDiTConfig
-from dmvae._registry import MODEL_CLASSES, MODELS, Registry, UnknownNameError
+from dmvae._registry import CONFIG_CLASSES, MODEL_CLASSES, MODELS, Registry, UnknownNameError
 from dmvae.models import model_class
 
 
@@ -55,6 +55,7 @@ def test_classes_are_registered_not_named_by_strings() -> None:
     assert MODEL_CLASSES.get("DMVAE") is DMVAE and MODEL_CLASSES.get("latentdit") is LatentDiT
     assert model_class(DMVAEConfig()) is DMVAE and model_class(LatentDiTConfig()) is LatentDiT
     assert DMVAEConfig.model == "DMVAE" and LatentDiTConfig.model == "LatentDiT"
+    assert CONFIG_CLASSES.get("DMVAEConfig") is DMVAEConfig and CONFIG_CLASSES.get("latentditconfig") is LatentDiTConfig
 
 
 def test_presets_are_one_table_per_family_and_build_fresh_configs() -> None:

@@ -28,12 +28,12 @@ from typing import Any, ClassVar, TypeVar
 
 from typing_extensions import Self
 
+from dmvae._registry import CONFIG_CLASSES
+
 __all__ = ["ConfigMixin", "resolve_config"]
 
 T = TypeVar("T")
 
-#: Every ConfigMixin subclass by its name (for ``_class_name`` tags).
-_CONFIG_CLASSES: dict[str, type[ConfigMixin]] = {}
 
 
 def _type_name(annotation: Any) -> str:
@@ -98,7 +98,7 @@ class ConfigMixin:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        _CONFIG_CLASSES[cls.__name__] = cls
+        CONFIG_CLASSES.register(cls.__name__, cls, override=True)  # a redefinition replaces it
 
     @classmethod
     def model_name(cls) -> str:
@@ -141,7 +141,7 @@ class ConfigMixin:
         tag = data.get("_class_name")
         if tag is None or tag == cls.__name__:
             return
-        other = _CONFIG_CLASSES.get(str(tag))
+        other = CONFIG_CLASSES.get(str(tag)) if str(tag) in CONFIG_CLASSES else None
         what = f"a {other.model_name()}" if other is not None else f"a {tag!r}"
         hint = f": load it with dmvae.{other.model_name()}.from_pretrained" if other and other.model else ""
         raise ValueError(f"{source} describes {what}, not a {cls.model_name()}{hint}")

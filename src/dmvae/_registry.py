@@ -14,6 +14,8 @@ filled by the modules that define the entries, when they are imported:
   :meth:`dmvae._config.ConfigMixin.register_presets`);
 * :data:`MODEL_CLASSES`: model class name -> class (``"DMVAE"``, ``"LatentDiT"``), registered by
   :mod:`dmvae.autoencoder` and :mod:`dmvae.dit`;
+* :data:`CONFIG_CLASSES`: config class name -> class (the ``_class_name`` tag of a ``config.json``),
+  registered by every :class:`~dmvae._config.ConfigMixin` subclass;
 * ``dmvae.priors.base.PRIORS``: the reference priors.
 
 :func:`dmvae.models.create_model` / :func:`dmvae.models.list_models` (``dmvae.create_model``) import
@@ -27,7 +29,7 @@ import fnmatch
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar
 
-__all__ = ["MODELS", "MODEL_CLASSES", "Registry", "UnknownNameError"]
+__all__ = ["CONFIG_CLASSES", "MODELS", "MODEL_CLASSES", "Registry", "UnknownNameError"]
 
 T = TypeVar("T")
 
@@ -122,3 +124,6 @@ MODELS: Registry[Callable[[], Any]] = Registry("model preset")
 
 #: Model classes by class name (``"DMVAE"``, ``"LatentDiT"``); a config's ``model`` names its class.
 MODEL_CLASSES: Registry[type] = Registry("model class")
+
+#: Config classes by class name (``"DMVAEConfig"``): what a ``config.json``'s ``_class_name`` names.
+CONFIG_CLASSES: Registry[type] = Registry("config class")
