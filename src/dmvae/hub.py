@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from typing_extensions import Self
 
+from dmvae.convert import select_state_dict
 from dmvae.files import (
     CheckpointError,
     atomic_save_safetensors,
@@ -225,8 +226,6 @@ class HubMixin:
         None = the layout's default."""
         if cls._reference_layout is None:
             raise NotImplementedError(f"{cls.__name__} reads no reference checkpoints")
-        from dmvae.convert import select_state_dict
-
         return select_state_dict(cls._reference_layout, ckpt, use_ema, source)
 
     @classmethod
