@@ -75,3 +75,24 @@ def test_no_dynamic_imports_of_dmvae(path: Path) -> None:
 def test_module_is_at_most_500_lines(path: Path) -> None:
     n = len(path.read_text(encoding="utf-8").splitlines())
     assert n <= MAX_LINES, f"{path.relative_to(SRC)} has {n} lines (at most {MAX_LINES}): split it by job"
+
+
+_APP = ("cli", "demo", "experiments", "integrations", "__main__")
+
+
+def _library_sources() -> list[Path]:
+    """The modules below the app floor (the package root ``__init__`` is above every floor)."""
+    return [p for p in _sources()
+            if p != SRC / "__init__.py" and p.relative_to(SRC).parts[0].removesuffix(".py") not in _APP]
+
+
+@pytest.mark.parametrize("path", _library_sources(), ids=lambda p: str(p.relative_to(SRC)))
+def test_library_floors_import_names_from_their_homes(path: Path) -> None:
+    """Below the app floor, ``from dmvae import X`` may only name a submodule: a public name taken
+    from the package root would hide which floor it comes from (the root imports every floor)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    submodules = {p.stem for p in SRC.glob("*.py")} | {p.name for p in SRC.iterdir() if (p / "__init__.py").is_file()}
+    bad = [f"line {node.lineno}: {alias.name}" for node in ast.walk(tree)
+           if isinstance(node, ast.ImportFrom) and node.module == "dmvae" and node.level == 0
+           for alias in node.names if alias.name not in submodules]
+    assert not bad, f"{path.relative_to(SRC)} imports from the dmvae root: {bad}"
