@@ -10,6 +10,7 @@ safetensors and loaded into a differently-seeded twin reproduces the velocity.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,6 +44,7 @@ def _forward(model: torch.nn.Module) -> torch.Tensor:
     return model(x, torch.tensor([0.25, 0.75]), torch.tensor([0, c.num_classes - 1]))
 
 
+@functools.cache
 def _family(name: str) -> type:
     with torch.device("meta"):
         return type(dmvae.create_model(name))
