@@ -7,7 +7,13 @@ import pytest
 
 import dmvae
 from dmvae import DMVAE, DMVAEConfig, LatentDiT, LatentDiTConfig
-from dmvae._registry import CONFIG_CLASSES, MODEL_CLASSES, MODELS, Registry, UnknownNameError
+from dmvae._registry import (
+    CONFIG_CLASSES,
+    MODEL_CLASSES,
+    MODELS,
+    Registry,
+    UnknownNameError,
+)
 from dmvae.models import model_class
 
 

@@ -103,7 +103,7 @@ def load_latents(path: str | os.PathLike[str], *, key: str = "latents") -> Laten
         meta = f.metadata() or {}
     normalized = _field(meta, "normalized", where, True)
     if not isinstance(normalized, bool):
-        raise ValueError(f"{where}: metadata field 'normalized' must be true or false, got {normalized!r}")
+        raise ValueError(f"{where}: metadata field 'normalized' must be true or false, got {normalized!r}")  # noqa: TRY004 - bad file content
     files = _field(meta, "files", where, None)
     if files is not None and (not isinstance(files, list) or len(files) != len(z)):
         raise ValueError(f"{where}: metadata field 'files' must list {len(z)} names, got "
