@@ -96,3 +96,14 @@ def test_library_floors_import_names_from_their_homes(path: Path) -> None:
            if isinstance(node, ast.ImportFrom) and node.module == "dmvae" and node.level == 0
            for alias in node.names if alias.name not in submodules]
     assert not bad, f"{path.relative_to(SRC)} imports from the dmvae root: {bad}"
+
+
+def test_convert_is_pure() -> None:
+    """dmvae.convert looks at checkpoints already in memory: it imports no model, reads no file and
+    writes nothing (reading and saving are dmvae.conversion's, above the models)."""
+    graph = grimp.build_graph("dmvae")
+    assert graph.find_modules_directly_imported_by("dmvae.convert") <= {"dmvae.files"}
+    tree = ast.parse((SRC / "convert.py").read_text(encoding="utf-8"))
+    calls = {n.func.attr if isinstance(n.func, ast.Attribute) else getattr(n.func, "id", "")
+             for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    assert not {c for c in calls if re.match(r"(open|load|read_|save|write)", c)}, calls
