@@ -11,28 +11,19 @@ final preview image and its one-line quality figure.
 from __future__ import annotations
 
 import json
+import functools
 import re
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-
-import finetune_decoder
-import train_dmvae
-import train_latent_dit
-import train_tokenizer
-from _train_utils import SKIMAGE_HELD_OUT
 
 pytestmark = pytest.mark.slow  # five training runs (a few minutes on a 2-core CPU)
 
-SCRIPTS = {"train_tokenizer.py": train_tokenizer.main, "train_reference.py": None,
-           "train_dmvae.py": train_dmvae.main, "finetune_decoder.py": finetune_decoder.run,
-           "train_latent_dit.py": train_latent_dit.main}
+SCRIPTS = ("train_tokenizer.py", "train_reference.py", "train_dmvae.py", "finetune_decoder.py", "train_latent_dit.py")
 SHORTEN = 3  # steps / 3: 100 / 100 / 66 / 66 / 100
 
 
@@ -59,7 +50,7 @@ def shortened(argv: list[str], runs: Path) -> list[str]:
     return [*out, "--quiet"]
 
 
-def held_out_psnr(model_dir: Path) -> float:
+def held_out_psnr(model_dir: Path, held_out: list[str]) -> float:
     """Independent of the examples' helper: PSNR of the saved model on the held-out photos."""
     from dmvae.autoencoder import DMVAE
     from dmvae.image import to_uint8
@@ -67,23 +58,27 @@ def held_out_psnr(model_dir: Path) -> float:
     from dmvae.training.data import SkimagePhotos, center_crop_transform, to_model_input
 
     vae = DMVAE.from_pretrained(model_dir).eval()
-    data = SkimagePhotos(center_crop_transform(vae.config.image_size), repeats=1, names=SKIMAGE_HELD_OUT)
+    data = SkimagePhotos(center_crop_transform(vae.config.image_size), repeats=1, names=held_out)
     x = to_model_input(torch.stack([data[i][0] for i in range(len(data))]), "cpu")
     x = torch.cat([x, x.flip(-1)])
     with torch.no_grad():
         return float(psnr(to_uint8(x), to_uint8(vae(x).reconstruction)).mean())
 
 
-def test_documented_pipeline_hands_over_trained_ema_weights(tmp_path, capsys) -> None:
+def test_documented_pipeline_hands_over_trained_ema_weights(tmp_path, capsys, load_example) -> None:
+    ex = {name: load_example(name) for name in ("train_tokenizer", "train_dmvae", "finetune_decoder",
+                                                "train_latent_dit", "_train_utils")}  # fmt: skip
+    mains = {"train_tokenizer.py": ex["train_tokenizer"].main,
+             "train_reference.py": functools.partial(ex["train_latent_dit"].main, prog="train_reference.py"),
+             "train_dmvae.py": ex["train_dmvae"].main, "finetune_decoder.py": ex["finetune_decoder"].run,
+             "train_latent_dit.py": ex["train_latent_dit"].main}  # fmt: skip
+    held_out = ex["_train_utils"].SKIMAGE_HELD_OUT
     runs = tmp_path / "runs"
     summaries = {}
     for argv in documented_commands():
         script = Path(argv[0]).name
         args = shortened(argv[1:], runs)
-        if script == "train_reference.py":
-            summaries[script] = train_latent_dit.main(args, prog="train_reference.py")
-        else:
-            summaries[script] = SCRIPTS[script](args)
+        summaries[script] = mains[script](args)
         run_dir = Path(args[args.index("--out") + 1])
         assert list((run_dir / "images").glob("final_*.png")), f"{script}: no final preview"
         with open(tmp_path / "quality.jsonl", "a") as f:  # for a look after a failure
@@ -112,7 +107,7 @@ def test_documented_pipeline_hands_over_trained_ema_weights(tmp_path, capsys) ->
 
     # stage 1 -> stages 2 and 3: the tokenizer's EMA, measured again here from the saved directory
     trained_psnr(tok, 1.5)
-    assert held_out_psnr(runs / "tokenizer" / "vae_ema") == pytest.approx(tok["ema"], abs=0.05)
+    assert held_out_psnr(runs / "tokenizer" / "vae_ema", held_out) == pytest.approx(tok["ema"], abs=0.05)
     assert dm["initial"] == pytest.approx(tok["ema"], abs=0.05), (dm, tok)  # stage 3 starts from it
     # stage 2 -> stage 3: the reference DiT's EMA
     trained_loss(ref)
@@ -120,6 +115,6 @@ def test_documented_pipeline_hands_over_trained_ema_weights(tmp_path, capsys) ->
     assert fine["initial"] == pytest.approx(dm["raw"], abs=0.05), (fine, dm)
     # stage 4 -> stage 5: the fine-tuned decoder's EMA
     trained_psnr(fine, 0.3)
-    assert held_out_psnr(runs / "finetune" / "vae_ema") == pytest.approx(fine["ema"], abs=0.05)
+    assert held_out_psnr(runs / "finetune" / "vae_ema", held_out) == pytest.approx(fine["ema"], abs=0.05)
     # stage 5: the downstream DiT's EMA
     trained_loss(gen)
