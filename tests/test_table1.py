@@ -198,6 +198,8 @@ def test_settings_overrides_parse_each_type() -> None:
         Table1Settings().with_overrides(["stage1_steps=x"])
     with pytest.raises(ValueError, match="dit_budgets"):
         Table1Settings().with_overrides(["dit_budgets=20,10"])
+    with pytest.raises(ValueError, match="teacher_schedule"):
+        Table1Settings().with_overrides(["teacher_schedule=linear"])
     assert Table1Settings(**QUICK).to_dict()["dit_budgets"] == list(QUICK["dit_budgets"])
 
 

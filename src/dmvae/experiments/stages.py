@@ -73,7 +73,7 @@ def fit_teacher(s: Table1Settings, latents: Tensor, labels: Tensor | None, num_c
         model = make_dit(s, tuple(latents.shape[1:]), num_classes if labels is not None else 0)
         data = latents if labels is None else (latents, labels)
         return fit_reference_model(model, data, steps=s.teacher_steps, batch_size=s.dit_batch, lr=s.teacher_lr,
-                                   generator=torch.Generator().manual_seed(seed))
+                                   lr_schedule=s.teacher_schedule, generator=torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()
