@@ -237,7 +237,12 @@ def _digits(image_size: int) -> ImageSet:
 
 
 def _folder(root: str | os.PathLike[str], image_size: int) -> ImageSet:
-    from dmvae.image import center_crop_arr, folder_class_labels, list_images, load_image
+    from dmvae.image import (
+        center_crop_arr,
+        folder_class_labels,
+        list_images,
+        load_image,
+    )
 
     files = list_images(root)
     found = folder_class_labels(root, files)
