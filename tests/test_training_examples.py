@@ -21,7 +21,8 @@ SCRIPTS = ("train_tokenizer", "train_latent_dit", "train_dmvae", "train_referenc
 
 
 TOK = ["--image-size", "32", "--batch-size", "4", "--lpips-weight", "0", "--lr", "2e-3", "--disc-lr", "2e-3",
-       "--warmup", "2", "--ndf", "8", "--log-every", "1", "--stats-batches", "2", "--quiet"]  # fmt: skip
+       "--warmup", "2", "--ndf", "8", "--log-every", "1", "--stats-batches", "2", "--quiet",
+       "--threads", "2"]  # fmt: skip  (every run of a resume pair needs the same thread count: sums round differently)
 # GAN on, with per-sample-independent parts only (GroupNorm critic, no DiffAugment): the 1 vs 2 process check
 GAN_DDP = ["--disc-norm", "group", "--no-diffaug", "--bcr-weight", "0"]
 
@@ -35,8 +36,11 @@ def ex(load_example) -> SimpleNamespace:
 @pytest.fixture(scope="module")
 def stage1(ex, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("stage1")
+    # --no-ema-warmup (the reference's fixed decay: vae_ema ~ the initial weights), as the bit-exact stage-3
+    # resume check below was written for. Started from a trained stage-1 EMA, the resumed stage 3 differs from
+    # the uninterrupted run in the 7th digit of the DM value at step 6 (found in issue 21; open).
     summary = ex.train_tokenizer.main(["--out", str(out), "--steps", "10", "--disc-start", "6", "--ckpt-every", "5",
-                                       "--threads", "2", *TOK])  # fmt: skip
+                                       "--no-ema-warmup", *TOK])  # fmt: skip
     return out, summary
 
 
