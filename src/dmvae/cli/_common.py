@@ -39,10 +39,10 @@ from typing import Any
 __all__ = [
     "HelpFormatter",
     "LineStream",
+    "add_command",
     "add_dit_args",
     "add_model_args",
     "add_output_args",
-    "add_parser",
     "add_threads_arg",
     "apply_threads",
     "batched",
@@ -101,9 +101,19 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return super()._metavar_formatter(action, default_metavar)
 
 
-def add_parser(subparsers: Any, name: str, *, help: str, description: str) -> argparse.ArgumentParser:
-    """A sub-command parser with the shared help formatter."""
-    return subparsers.add_parser(name, help=help, description=description, formatter_class=HelpFormatter)
+def add_command(subparsers: Any, name: str, run: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    """The sub-command ``name``, which calls ``run(args)``, with the shared help formatter.
+
+    ``run``'s docstring is the command's help, stated once: its first paragraph is the summary in
+    ``dmvae --help``, the rest (line breaks kept) the description of ``dmvae NAME --help``.
+    """
+    import inspect
+
+    summary, _, description = inspect.cleandoc(run.__doc__ or "").partition("\n\n")  # no docstring under -OO
+    parser = subparsers.add_parser(name, help=" ".join(summary.split()), description=description or summary,
+                                   formatter_class=HelpFormatter)  # fmt: skip
+    parser.set_defaults(func=run)
+    return parser
 
 
 def int_range(low: int | None = None, high: int | None = None) -> Callable[[str], int]:

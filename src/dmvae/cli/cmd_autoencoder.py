@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from dmvae.cli._common import (
+    add_command,
     add_model_args,
     add_output_args,
-    add_parser,
     batched,
     check_output_file,
     check_output_files,
@@ -23,46 +23,20 @@ from dmvae.cli._common import (
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = add_parser(
-        subparsers,
-        "reconstruct",
-        help="encode and decode images, write the reconstructions as PNG",
-        description="Centre-crop (ADM) each image to the model's resolution, encode, decode, and "
-        "write <name>.png to OUT, keeping the sub-folders of a folder input (cats/a.jpg -> "
-        "OUT/cats/a.png). Prints the PSNR of each reconstruction. Images smaller than the crop are "
-        "upscaled (with a note).",
-    )
+    p = add_command(subparsers, "reconstruct", run_reconstruct)
     _add_image_inputs(p, what="output directory")
     p.add_argument("--batch-size", type=int_range(1), default=8, help="images per model call")
     p.add_argument("--json", action="store_true", help="print one JSON object per image (input, output, psnr)")
     add_model_args(p)
-    p.set_defaults(func=run_reconstruct)
 
-    p = add_parser(
-        subparsers,
-        "encode",
-        help="encode images to a latents .safetensors file",
-        description="Writes tensor 'latents' (N, C, h, w), normalised with the model's "
-        "latent_mean/latent_scale unless --raw, and, for one folder of class sub-folders "
-        "(<root>/<class>/*), tensor 'labels' (N,) with the sorted class index. The metadata holds "
-        "the file paths relative to their input folder ('files'), the class names ('classes') and "
-        "the normalisation.",
-    )
+    p = add_command(subparsers, "encode", run_encode)
     _add_image_inputs(p, what="output .safetensors file")
     p.add_argument("--raw", action="store_true", help="store raw (un-normalised) latents")
     p.add_argument("--batch-size", type=int_range(1), default=8, help="images per model call")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     add_model_args(p)
-    p.set_defaults(func=run_encode)
 
-    p = add_parser(
-        subparsers,
-        "decode",
-        help="decode a latents .safetensors file to PNG images",
-        description="Reads tensor 'latents' written by `dmvae encode` (or any (N, C, h, w) "
-        "tensor under --key) and writes one PNG per latent, named after the encoded files "
-        "(sanitised: base names only) or numbered.",
-    )
+    p = add_command(subparsers, "decode", run_decode)
     p.add_argument("latents", help="input .safetensors file")
     add_output_args(p, what="output directory")
     p.add_argument("--key", default="latents", help="tensor name in the file")
@@ -70,7 +44,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int_range(1), default=8, help="latents per model call")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     add_model_args(p)
-    p.set_defaults(func=run_decode)
 
 
 def _add_image_inputs(p: argparse.ArgumentParser, what: str) -> None:
@@ -117,6 +90,12 @@ def _safe_stem(name: Any, index: int) -> str:
 
 
 def run_reconstruct(args: argparse.Namespace) -> int:
+    """encode and decode images, write the reconstructions as PNG
+
+    Centre-crop (ADM) each image to the model's resolution, encode, decode, and write <name>.png to
+    OUT, keeping the sub-folders of a folder input (cats/a.jpg -> OUT/cats/a.png). Prints the PSNR
+    of each reconstruction. Images smaller than the crop are upscaled (with a note).
+    """
     import torch
     from tqdm.auto import tqdm
 
@@ -182,6 +161,13 @@ def _relative_names(inputs: list[str]) -> tuple[list[Path], list[str], list[int]
 
 
 def run_encode(args: argparse.Namespace) -> int:
+    """encode images to a latents .safetensors file
+
+    Writes tensor 'latents' (N, C, h, w), normalised with the model's latent_mean/latent_scale
+    unless --raw, and, for one folder of class sub-folders (<root>/<class>/*), tensor 'labels' (N,)
+    with the sorted class index. The metadata holds the file paths relative to their input folder
+    ('files'), the class names ('classes') and the normalisation.
+    """
     import torch
     from tqdm.auto import tqdm
 
@@ -212,6 +198,12 @@ def run_encode(args: argparse.Namespace) -> int:
 
 
 def run_decode(args: argparse.Namespace) -> int:
+    """decode a latents .safetensors file to PNG images
+
+    Reads tensor 'latents' written by `dmvae encode` (or any (N, C, h, w) tensor under --key) and
+    writes one PNG per latent, named after the encoded files (sanitised: base names only) or
+    numbered.
+    """
     import torch
     from tqdm.auto import tqdm
 

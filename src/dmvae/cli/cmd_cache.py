@@ -7,19 +7,14 @@ import json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from dmvae.cli._common import add_model_args, add_output_args, add_parser, int_range
-
-    p = add_parser(
-        subparsers,
-        "cache-latents",
-        help="encode a data set once into sharded safetensors latents (+ flips) for LatentDiT training",
-        description="Encode the ADM centre crop of every image and of its horizontal mirror with the "
-        "autoencoder and write sharded safetensors files with the un-normalised latents, labels, the "
-        "file index, the tokenizer config, a hash of its encoder weights and the latent statistics. "
-        "Resumable: run it again to encode only the missing shards. Under torchrun every process "
-        "encodes its own shards (torchrun --nproc_per_node=8 -m dmvae cache-latents ...). Train from "
-        "the cache with examples/train_latent_dit.py --latents OUT.",
+    from dmvae.cli._common import (
+        add_command,
+        add_model_args,
+        add_output_args,
+        int_range,
     )
+
+    p = add_command(subparsers, "cache-latents", run_cache)
     p.add_argument("--data", required=True,
                    help="an image folder (class sub-folders = labels), a file list ('<path> [<label>]' lines), "
                         "or 'skimage' (the bundled photos)")
@@ -37,10 +32,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "is resumed; --overwrite replaces an incompatible one, and only a directory this command made: "
                     "never the data or a folder holding it)")
     add_model_args(p)
-    p.set_defaults(func=run_cache)
 
 
 def run_cache(args: argparse.Namespace) -> int:
+    """encode a data set once into sharded safetensors latents (+ flips) for LatentDiT training
+
+    Encode the ADM centre crop of every image and of its horizontal mirror with the autoencoder and
+    write sharded safetensors files with the un-normalised latents, labels, the file index, the
+    tokenizer config, a hash of its encoder weights and the latent statistics. Resumable: run it
+    again to encode only the missing shards. Under torchrun every process encodes its own shards
+    (torchrun --nproc_per_node=8 -m dmvae cache-latents ...). Train from the cache with
+    examples/train_latent_dit.py --latents OUT.
+    """
     import torch
 
     from dmvae.cli._common import default_num_workers, load_autoencoder

@@ -5,20 +5,11 @@ from __future__ import annotations
 
 import argparse
 
-from dmvae.cli._common import add_parser, check_output_files
+from dmvae.cli._common import add_command, check_output_files
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = add_parser(
-        subparsers,
-        "convert",
-        help="convert a reference checkpoint (vae.pt / ep*.pt) to a dmvae directory",
-        description="Reads the reference checkpoint with torch.load(weights_only=True), picks the "
-        "raw or EMA state dict, loads it strictly into the model built from --config and writes "
-        "config.json + model.safetensors. The kind is detected from the file's keys "
-        "('vae_wo_ddp'/'vae_ema': autoencoder; 'model'/'ema': LatentDiT). By default the weights "
-        "are those from_pretrained would load: raw for an autoencoder, EMA for a LatentDiT.",
-    )
+    p = add_command(subparsers, "convert", run)
     p.add_argument("input", help="reference .pt file")
     p.add_argument("output", help="output directory")
     p.add_argument(
@@ -42,7 +33,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="replace a model already in OUTPUT (refused otherwise)")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    p.set_defaults(func=run)
 
 
 def _overrides(pairs: list[str]) -> dict:
@@ -61,6 +51,14 @@ def _overrides(pairs: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    """convert a reference checkpoint (vae.pt / ep*.pt) to a dmvae directory
+
+    Reads the reference checkpoint with torch.load(weights_only=True), picks the raw or EMA state
+    dict, loads it strictly into the model built from --config and writes config.json +
+    model.safetensors. The kind is detected from the file's keys ('vae_wo_ddp'/'vae_ema':
+    autoencoder; 'model'/'ema': LatentDiT). By default the weights are those from_pretrained would
+    load: raw for an autoencoder, EMA for a LatentDiT.
+    """
     from dmvae.cli._common import config_arg, writing
     from dmvae.conversion import convert_checkpoint
     from dmvae.hub import CONFIG_NAME, WEIGHTS_NAME

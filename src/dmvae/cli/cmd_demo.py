@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from dmvae.cli._common import (
-    add_parser,
+    add_command,
     add_quiet_arg,
     add_threads_arg,
     float_range,
@@ -19,19 +19,7 @@ from dmvae.cli._common import (
 
 
 def register(subparsers) -> None:
-    p = add_parser(
-        subparsers,
-        "demo",
-        help="2-D distribution-matching demo (paper Fig. 3), offline on the CPU",
-        description=(
-            "Fits a small LatentDiT real score to S-shape samples, aligns 1,536 points drawn\n"
-            "uniformly on [-1.5, 1.5]^2 with the DM loss (fake score every step, points every k\n"
-            "steps), and prints energy distance and coverage before/after next to the two-sample\n"
-            "floor. Writes demo.png (four labelled panels) and points.npy to -o/--out.\n"
-            "--compare also runs the other objectives of the paper's 2-D study and draws them\n"
-            "side by side in compare.png (paper Fig. 3)."
-        ),
-    )
+    p = add_command(subparsers, "demo", run)
     p.add_argument("--steps", type=int_range(1), default=None, help="alignment steps (default: 1000)")
     p.add_argument("--teacher-steps", type=int_range(1), default=None,
                    help="real-score fitting steps (default: 1500)")
@@ -57,10 +45,18 @@ def register(subparsers) -> None:
                    help="print the figures as JSON on stdout (or write them to PATH)")
     add_threads_arg(p, default=1, why=", the fastest for these tiny nets")
     add_quiet_arg(p)
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    """2-D distribution-matching demo (paper Fig. 3), offline on the CPU
+
+    Fits a small LatentDiT real score to S-shape samples, aligns 1,536 points drawn
+    uniformly on [-1.5, 1.5]^2 with the DM loss (fake score every step, points every k
+    steps), and prints energy distance and coverage before/after next to the two-sample
+    floor. Writes demo.png (four labelled panels) and points.npy to -o/--out.
+    --compare also runs the other objectives of the paper's 2-D study and draws them
+    side by side in compare.png (paper Fig. 3).
+    """
     from dmvae.demo import (
         COMPARE_OBJECTIVES,
         OBJECTIVES,

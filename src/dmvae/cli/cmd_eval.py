@@ -15,10 +15,10 @@ from typing import Any
 
 from dmvae._version import __version__
 from dmvae.cli._common import (
+    add_command,
     add_device_arg,
     add_model_args,
     add_output_args,
-    add_parser,
     check_output_file,
     default_device,
     default_num_workers,
@@ -26,28 +26,9 @@ from dmvae.cli._common import (
     writing,
 )
 
-_RECON_DESCRIPTION = """\
-Reconstruction metrics of an autoencoder on an image folder or ImageNet-val tree: rFID of the
-reconstructions against the centre-cropped originals (ADM crop), PSNR and SSIM on uint8, LPIPS
-(with --lpips), and latent statistics (mean/std, per channel). Numbers do not depend on
---batch-size. --model identity evaluates the data pipeline itself (rFID 0, PSNR inf).
---no-fid needs no Inception weights: PSNR / SSIM / latent statistics, and LPIPS when its
-weights are found."""
-
-_GEN_DESCRIPTION = """\
-Generation metrics of samples in ADM .npz files (uint8 NHWC under arr_0; produce them with
-`dmvae sample --num-per-class 50 -o OUT.npz`): gFID against the reference file's mu/sigma
-(ADM VIRTUAL_imagenet256_labeled.npz or adm_in256_stats.npz), Inception Score, and k-NN
-precision/recall (k=3) when the reference file holds images."""
-
 
 def register(subparsers: Any) -> None:
-    p = add_parser(
-        subparsers,
-        "eval-recon",
-        help="rFID / PSNR / SSIM / LPIPS / latent statistics of an autoencoder",
-        description=_RECON_DESCRIPTION,
-    )
+    p = add_command(subparsers, "eval-recon", run_recon)
     add_model_args(p)
     p.add_argument("--data", required=True, help="image folder or ImageNet-val tree (searched recursively)")
     p.add_argument("--num", type=int_range(1), default=None,
@@ -71,14 +52,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--autocast", action="store_true",
                    help="run the autoencoder under bf16 autocast (GPU; as the reference)")
     _add_result_args(p)
-    p.set_defaults(func=run_recon)
 
-    g = add_parser(
-        subparsers,
-        "eval-gen",
-        help="gFID / IS / precision-recall of samples in ADM .npz files",
-        description=_GEN_DESCRIPTION,
-    )
+    g = add_command(subparsers, "eval-gen", run_gen)
     g.add_argument("npz", nargs="+", help="sample .npz file(s) (shards are concatenated)")
     g.add_argument("--ref", required=True, help="reference .npz with mu/sigma and/or arr_0 images")
     g.add_argument("--inception", default=None, help="Inception-v3 2015-12-05 weights (see eval-recon)")
@@ -88,7 +63,6 @@ def register(subparsers: Any) -> None:
     g.add_argument("--is-splits", type=int_range(1), default=10, help="Inception Score splits")
     add_device_arg(g)
     _add_result_args(g)
-    g.set_defaults(func=run_gen)
 
 
 def _add_result_args(p: argparse.ArgumentParser) -> None:
@@ -164,6 +138,15 @@ def _lpips(args: argparse.Namespace, device: str) -> Any:
 
 
 def run_recon(args: argparse.Namespace) -> int:
+    """rFID / PSNR / SSIM / LPIPS / latent statistics of an autoencoder
+
+    Reconstruction metrics of an autoencoder on an image folder or ImageNet-val tree: rFID of the
+    reconstructions against the centre-cropped originals (ADM crop), PSNR and SSIM on uint8, LPIPS
+    (with --lpips), and latent statistics (mean/std, per channel). Numbers do not depend on
+    --batch-size. --model identity evaluates the data pipeline itself (rFID 0, PSNR inf).
+    --no-fid needs no Inception weights: PSNR / SSIM / latent statistics, and LPIPS when its
+    weights are found.
+    """
     from dmvae.evaluation import evaluate_reconstruction
 
     to_stdout, out = _json_target(args)
@@ -190,6 +173,13 @@ def run_recon(args: argparse.Namespace) -> int:
 
 
 def run_gen(args: argparse.Namespace) -> int:
+    """gFID / IS / precision-recall of samples in ADM .npz files
+
+    Generation metrics of samples in ADM .npz files (uint8 NHWC under arr_0; produce them with
+    `dmvae sample --num-per-class 50 -o OUT.npz`): gFID against the reference file's mu/sigma
+    (ADM VIRTUAL_imagenet256_labeled.npz or adm_in256_stats.npz), Inception Score, and k-NN
+    precision/recall (k=3) when the reference file holds images.
+    """
     from dmvae.evaluation import evaluate_generation
 
     to_stdout, out = _json_target(args)

@@ -7,21 +7,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from dmvae.cli._common import add_parser
+from dmvae.cli._common import add_command
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = add_parser(
-        subparsers,
-        "info",
-        help="describe a preset or a saved model (no download)",
-        description="SRC is an autoencoder preset (dmvae-l, dmvae-b, ...), a LatentDiT model name "
-        "(LightningDiT-XL/1, ...), a config.json or a directory holding one. The model is built on "
-        "the meta device, so nothing is allocated or downloaded.",
-    )
+    p = add_command(subparsers, "info", run)
     p.add_argument("source", help="preset, model name or directory")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
-    p.set_defaults(func=run)
 
 
 def _describe_autoencoder(config: Any, label: str) -> dict[str, Any]:
@@ -109,6 +101,12 @@ def _millions(n: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """describe a preset or a saved model (no download)
+
+    SRC is an autoencoder preset (dmvae-l, dmvae-b, ...), a LatentDiT model name (LightningDiT-XL/1,
+    ...), a config.json or a directory holding one. The model is built on the meta device, so
+    nothing is allocated or downloaded.
+    """
     info = describe(args.source)
     if args.json:
         print(json.dumps(info, indent=2))

@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 from dmvae.cli._common import (
+    add_command,
     add_dit_args,
     add_model_args,
     add_output_args,
-    add_parser,
     check_output_file,
     default_device,
     float_range,
@@ -22,19 +22,7 @@ from dmvae.cli._common import (
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = add_parser(
-        subparsers,
-        "sample",
-        help="sample images with a LatentDiT and decode them with a DMVAE (PNG grid or ADM .npz)",
-        description="Sample latents with a LatentDiT (flow matching, t=0 noise -> t=1 data) and "
-        "decode them with a DMVAE.\n"
-        "  grid:  --classes 207 360 387 -o grid.png\n"
-        "  npz:   --num-per-class 50 -o samples.npz   (class-balanced ADM-evaluator npz, uint8 NHWC;\n"
-        "         resumable; run under torchrun to split the work across ranks)\n"
-        "The output kind follows the suffix of -o. Every DiT/VAE compatibility (latent channels and\n"
-        "grid, class ids) is checked before the first step. To reproduce the release FID run use:\n"
-        "--method euler-maruyama --steps 249 --cfg 1.",
-    )
+    p = add_command(subparsers, "sample", run)
     add_dit_args(p)
     add_model_args(p)
     add_output_args(p, what="output: a PNG/JPEG grid (with --classes) or an .npz (with --num-per-class)",
@@ -58,7 +46,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int_range(0), default=0, help="base random seed")
     p.add_argument("--bf16", action="store_true", help="sample and decode under bf16 autocast")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
-    p.set_defaults(func=run)
 
 
 def _sampler_kwargs(args: argparse.Namespace) -> dict:
@@ -91,6 +78,17 @@ def _check_args(args: argparse.Namespace) -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
+    """sample images with a LatentDiT and decode them with a DMVAE (PNG grid or ADM .npz)
+
+    Sample latents with a LatentDiT (flow matching, t=0 noise -> t=1 data) and decode them with
+    a DMVAE.
+      grid:  --classes 207 360 387 -o grid.png
+      npz:   --num-per-class 50 -o samples.npz   (class-balanced ADM-evaluator npz, uint8 NHWC;
+             resumable; run under torchrun to split the work across ranks)
+    The output kind follows the suffix of -o. Every DiT/VAE compatibility (latent channels and
+    grid, class ids) is checked before the first step. To reproduce the release FID run use:
+    --method euler-maruyama --steps 249 --cfg 1.
+    """
     from dmvae.dist import cleanup_distributed, init_distributed, is_distributed
 
     npz_mode = _check_args(args)

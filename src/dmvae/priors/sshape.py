@@ -69,30 +69,22 @@ class SShape2D(ReferencePrior):
         seed: seed of the internal ``numpy.random.default_rng`` stream used when ``sample`` gets
             no ``generator`` (successive calls continue the stream, as in the reference).
         bank_size, bandwidth, bank_seed: the sample bank behind :meth:`velocity`.
-        thickness, diffusion, ...: the reference constructor parameters (defaults = reference).
+        **shape: the shape parameters of :func:`sshape_numpy` (``thickness``, ``diffusion``,
+            ``x_range``, ``y_range``, ``amplitude``, ``vertical_scale``, ``skew``, ``flip_y``);
+            the defaults there are the reference's.
     """
 
     def __init__(
         self,
         seed: int = 42,
         *,
-        thickness: float = 0.06,
-        diffusion: float = 0.03,
-        x_range: tuple[float, float] = (-1.0, 1.0),
-        y_range: tuple[float, float] = (-1.0, 1.0),
-        amplitude: float = 0.85,
-        vertical_scale: float = 0.85,
-        skew: float = 0.15,
-        flip_y: bool = True,
         bank_size: int = 8192,
         bandwidth: float = 0.01,
         bank_seed: int = 12345,
+        **shape,
     ) -> None:
         super().__init__((2,))
-        self.params = dict(
-            thickness=thickness, diffusion=diffusion, x_range=tuple(x_range), y_range=tuple(y_range),
-            amplitude=amplitude, vertical_scale=vertical_scale, skew=skew, flip_y=flip_y,
-        )
+        self.params = dict(shape)  # only what differs from sshape_numpy's defaults
         self.seed = seed
         self.rng = np.random.default_rng(seed)
         self.bandwidth = float(bandwidth)
