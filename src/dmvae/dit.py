@@ -53,16 +53,21 @@ __all__ = ["LatentDiT", "LatentDiTConfig"]
 # ################################################################################################
 
 
+def _norm(cfg: LatentDiTConfig) -> nn.Module:
+    """The pre-modulation norm of the blocks and the final layer: RMSNorm, or LayerNorm without
+    affine parameters (eps 1e-6)."""
+    h = cfg.hidden_size
+    return RMSNorm(h) if cfg.use_rmsnorm else nn.LayerNorm(h, elementwise_affine=False, eps=1e-6)
+
+
 class LatentDiTBlock(nn.Module):
     """adaLN-Zero transformer block: ``x += g * attn(mod(norm1 x)); x += g * mlp(mod(norm2 x))``."""
 
     def __init__(self, cfg: LatentDiTConfig) -> None:
         super().__init__()
         h = cfg.hidden_size
-        norm = (lambda: RMSNorm(h)) if cfg.use_rmsnorm else (
-            lambda: nn.LayerNorm(h, elementwise_affine=False, eps=1e-6))
-        self.norm1 = norm()
-        self.norm2 = norm()
+        self.norm1 = _norm(cfg)
+        self.norm2 = _norm(cfg)
         self.attn = Attention(h, cfg.num_heads, qkv_bias=True, qk_norm=cfg.use_qknorm,
                               use_rmsnorm=cfg.use_rmsnorm)
         self.mlp: nn.Module = SwiGLU(h, cfg.mlp_hidden) if cfg.use_swiglu else Mlp(h, cfg.mlp_hidden)
@@ -89,8 +94,7 @@ class FinalLayer(nn.Module):
     def __init__(self, cfg: LatentDiTConfig) -> None:
         super().__init__()
         h = cfg.hidden_size
-        self.norm_final = RMSNorm(h) if cfg.use_rmsnorm else nn.LayerNorm(
-            h, elementwise_affine=False, eps=1e-6)
+        self.norm_final = _norm(cfg)
         self.linear = nn.Linear(h, cfg.patch_size**2 * cfg.out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(h, 2 * h))
 
