@@ -244,33 +244,33 @@ class DMHealth:
             self._draw_cache[key] = (u_dm, noise, u_fm)
         return self._draw_cache[key]
 
-    def _repeat(self, z: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        z = z.detach().float().repeat(self.draws, *([1] * (z.ndim - 1)))
-        y = None if labels is None else labels.repeat(self.draws)
-        return z, y
+    def _batch(self, latents: Any, labels: Tensor | None) -> tuple[Tensor, Tensor | None, tuple[Tensor, Tensor, Tensor]]:
+        """``latents`` (B, *S) checked and repeated ``draws`` times (float32), their labels likewise
+        (on the latents' device), and the fixed draws for that batch (:meth:`_draws`, on the CPU)."""
+        latents = self._check(latents, "latents")
+        draws = self._draws(latents.shape[0], tuple(latents.shape[1:]))
+        z = latents.detach().float().repeat(self.draws, *([1] * (latents.ndim - 1)))
+        y = None if labels is None else labels.repeat(self.draws).to(z.device)
+        return z, y, draws
 
     # ------------------------------------------------------------------ single figures
     @torch.no_grad()
     def gradient_rms(self, latents: Tensor, labels: Tensor | None = None) -> float:
         """``dm_grad_rms`` of ``latents`` (B, *S): the DM update (E1) with the fixed draws, as the
         mean over samples of its per-entry root mean square (teacher's denoising error = 1)."""
-        latents = self._check(latents, "latents")
-        u, noise, _ = self._draws(latents.shape[0], tuple(latents.shape[1:]))
-        z, y = self._repeat(latents, labels)
+        z, y, (u, noise, _) = self._batch(latents, labels)
         t0, t1 = self._source.current_t_range()
         t = (t0 + (t1 - t0) * u).to(z.device)
-        g = self._dm.gradient(z, None if y is None else y.to(z.device), t=t, noise=noise.to(z.device), step=0)
+        g = self._dm.gradient(z, y, t=t, noise=noise.to(z.device), step=0)
         return _rms_per_sample(g)
 
     @torch.no_grad()
     def fake_loss(self, latents: Tensor, labels: Tensor | None = None) -> float:
         """The fake's flow-matching loss (Eq. 7) on ``latents`` with the fixed draws, in eval mode
         (no label dropout), t ~ U[0, 1] as the fake trains."""
-        latents = self._check(latents, "latents")
-        _, noise, u = self._draws(latents.shape[0], tuple(latents.shape[1:]))
-        z, y = self._repeat(latents, labels)
+        z, y, (_, noise, u) = self._batch(latents, labels)
         _, fake = self._dm.networks()
-        y = resolve_labels(fake, None if y is None else y.to(z.device), z.shape[0], z.device)
+        y = resolve_labels(fake, y, z.shape[0], z.device)
         noise, u = noise.to(z.device), u.to(z.device)
 
         def velocity(x: Tensor, tt: Tensor, yy: Tensor | None) -> Tensor:
