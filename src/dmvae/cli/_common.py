@@ -49,7 +49,6 @@ __all__ = [
     "check_output_file",
     "check_output_files",
     "check_weights_source",
-    "collect_images",
     "config_arg",
     "default_device",
     "default_num_workers",
@@ -386,22 +385,6 @@ def load_dit(args: argparse.Namespace, device: str):
 # ################################################################################################
 # inputs and outputs
 # ################################################################################################
-
-
-def collect_images(inputs: Sequence[str]) -> list[Path]:
-    """Expand files and directories (recursively, :func:`dmvae.image.list_images`) into image files."""
-    from dmvae.image import list_images
-
-    paths: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            paths.extend(list_images(p))
-        elif p.is_file():
-            paths.append(p)
-        else:
-            raise FileNotFoundError(f"image not found: {p}")
-    return paths
 
 
 def batched(items: list, size: int) -> Iterator[list]:

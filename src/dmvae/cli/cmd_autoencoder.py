@@ -25,14 +25,12 @@ from dmvae.cli._common import (
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = add_command(subparsers, "reconstruct", run_reconstruct)
     _add_image_inputs(p, what="output directory")
-    p.add_argument("--batch-size", type=int_range(1), default=8, help="images per model call")
     p.add_argument("--json", action="store_true", help="print one JSON object per image (input, output, psnr)")
     add_model_args(p)
 
     p = add_command(subparsers, "encode", run_encode)
     _add_image_inputs(p, what="output .safetensors file")
     p.add_argument("--raw", action="store_true", help="store raw (un-normalised) latents")
-    p.add_argument("--batch-size", type=int_range(1), default=8, help="images per model call")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     add_model_args(p)
 
@@ -47,11 +45,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_image_inputs(p: argparse.ArgumentParser, what: str) -> None:
-    """The image inputs of reconstruct and encode: files or folders, the output, the crop size."""
+    """The image inputs of reconstruct and encode: files or folders, the output, the crop size, the
+    batch size."""
     p.add_argument("images", nargs="+", help="image files or directories")
     add_output_args(p, what=what)
     p.add_argument("--image-size", type=int_range(1), default=None,
                    help="centre-crop size (default: the model's image_size)")
+    p.add_argument("--batch-size", type=int_range(1), default=8, help="images per model call")
 
 
 def _crops(paths: list[Path], size: int, warn: bool = True) -> list[Any]:
