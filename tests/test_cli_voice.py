@@ -73,6 +73,16 @@ def test_help_shows_only_meaningful_defaults(family: str, example_parsers) -> No
         assert "[]" not in usage and " ]" not in usage, (name, usage)
 
 
+def test_every_command_has_a_summary_and_a_description() -> None:
+    """add_command takes both from the run function's docstring: summary, blank line, description."""
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    summaries = {c.dest: c.help for c in subparsers._choices_actions}
+    for name, p in subparsers.choices.items():
+        assert summaries[name] and "\n" not in summaries[name], name  # one line in `dmvae --help`
+        assert p.description and p.description != summaries[name], name
+        assert p.get_default("func").__doc__.lstrip().startswith(summaries[name].split()[0]), name
+
+
 def test_required_options_are_required() -> None:
     commands = _subparsers()
     assert next(a for a in commands["convert"]._actions if "--config" in a.option_strings).required
