@@ -22,6 +22,7 @@ from dmvae.priors import (
     fit_reference_model,
     list_priors,
     register_prior,
+    sshape_numpy,
 )
 from dmvae.priors import base as prior_base
 
@@ -149,6 +150,15 @@ def test_sshape_matches_reference_fixture_bitwise(fixtures_dir):
     other = SShape2D(seed=7).sample_numpy(20000)
     assert np.allclose(other.mean(0), d["samples"].numpy().mean(0), atol=0.03)
     assert np.allclose(other.std(0), d["samples"].numpy().std(0), atol=0.02)
+
+
+def test_sshape_prior_forwards_shape_parameters_to_sshape_numpy():
+    p = SShape2D(bank_size=16, flip_y=False, skew=0.3)
+    got = p.sample_numpy(64, np.random.default_rng(1))
+    assert np.array_equal(got, sshape_numpy(64, np.random.default_rng(1), flip_y=False, skew=0.3))
+    assert not np.allclose(got, SShape2D(bank_size=16).sample_numpy(64, np.random.default_rng(1)))
+    with pytest.raises(TypeError, match="thicknes"):
+        SShape2D(bank_size=16, thicknes=0.1)  # a misspelt shape parameter is refused
 
 
 def test_sshape_generator_is_reproducible_and_velocity_points_to_curve():
