@@ -45,9 +45,9 @@ def test_vae_from_repo_id_offline(tmp_path: Path, fixtures_dir: Path) -> None:
     # no config: the release preset dmvae-l is used, so the tiny weights are rejected by shape
     out = _run("from dmvae import DMVAE\nDMVAE.from_pretrained('sen-ye/dmvae')\n", cache)
     assert out.returncode != 0
-    assert "CheckpointError" in out.stderr
-    # dmvae-l's mid-block has 512 channels (4 x 128), the tiny fixture's 64
-    assert "expected shape (512, 512, 1, 1), got (64, 64, 1, 1)" in out.stderr
+    # dmvae-l holds ~300 M values, the tiny fixture ~1.1 M: the meta build stops long before the
+    # shapes could be compared (a ConfigTooLargeError, which is a CheckpointError)
+    assert "ConfigTooLargeError" in out.stderr and "does not match the weights" in out.stderr
 
 
 def test_dit_from_repo_id_offline_with_filename(tmp_path: Path, fixtures_dir: Path) -> None:

@@ -143,8 +143,10 @@ MAX_PARAMETERS = 20_000_000_000
 MAX_MODULES = 20_000
 
 
-class ConfigTooLargeError(ValueError):
-    """A configuration that would build a model larger than its weights, or than the stated limit."""
+class ConfigTooLargeError(CheckpointError):
+    """A configuration that would build a model larger than its weights (the config does not match
+    the checkpoint), or than the stated limit. A :class:`~dmvae.files.CheckpointError`, so a caller
+    that catches unloadable checkpoints catches this too."""
 
 
 @contextlib.contextmanager
