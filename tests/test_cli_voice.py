@@ -93,8 +93,7 @@ def test_every_command_that_computes_has_threads_and_json(example_parsers) -> No
         opts = {o for a in _visible(p) for o in a.option_strings}
         if "--device" in opts or name == "demo":
             assert "--threads" in opts, name
-        if name != "cache-latents":  # its output is the cache command's (another issue): a JSON line today
-            assert "--json" in opts, name
+        assert "--json" in opts, name
     for name, p in example_parsers.items():
         assert "--threads" in {o for a in _visible(p) for o in a.option_strings}, name
 

@@ -147,7 +147,7 @@ def test_cli_under_two_processes_then_one(vae: DMVAE, tmp_path: Path, capsys: py
     from dmvae.cli import main as cli
 
     capsys.readouterr()
-    assert cli(cmd[3:]) == 0  # the same command in this process, one rank: finishes the missing shards
+    assert cli([*cmd[3:], "--json"]) == 0  # the same command in this process, one rank: finishes the missing shards
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["status"] == "complete" and summary["num_shards"] == 4
     assert _rows(out).tolist() == list(range(7))  # no duplicate, no gap
@@ -163,3 +163,22 @@ def test_caching_gives_the_model_back_in_its_own_mode(vae: DMVAE, tmp_path: Path
         assert vae.training and vae.decoder.training and not vae.encoder.training
     finally:
         vae.eval()
+
+
+def test_cli_prints_text_by_default_and_json_when_asked(vae: DMVAE, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    from dmvae.cli import main as cli
+
+    vae.save_pretrained(tmp_path / "vae")
+    (tmp_path / "data" / "c0").mkdir(parents=True)
+    for i in range(3):
+        _data().load(i).resize((40, 36)).save(tmp_path / "data" / "c0" / f"{i}.png")
+    args = ["cache-latents", "--model", str(tmp_path / "vae"), "--data", str(tmp_path / "data"),
+            "--batch-size", "2", "--shard-size", "2", "--num-workers", "0", "--quiet", "--threads", "1"]
+    capsys.readouterr()
+    assert cli([*args, "-o", str(tmp_path / "a")]) == 0
+    text = capsys.readouterr().out
+    assert "3 images in 2 shards" in text and "complete" in text and not text.lstrip().startswith("{")
+    assert cli([*args, "-o", str(tmp_path / "b"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["num_images"] == 3 and summary["status"] == "complete"

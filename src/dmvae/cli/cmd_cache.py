@@ -31,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_output_args(p, what="cache directory (an existing cache of the same tokenizer, settings and input files "
                     "is resumed; --overwrite replaces an incompatible one, and only a directory this command made: "
                     "never the data or a folder holding it)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     add_model_args(p)
 
 
@@ -70,7 +71,14 @@ def run_cache(args: argparse.Namespace) -> int:
         cleanup_distributed()
     if is_main_process():
         done = "complete" if result.complete else "incomplete (run again to continue)"
-        print(json.dumps({"out": str(args.out), "num_images": result.num_images, "num_shards": result.num_shards,
-                          "latent_shape": result.latent_shape, "status": done,
-                          **{k: result.statistics[k] for k in ("latent_mean", "latent_scale") if k in result.statistics}}))
+        summary = {"out": str(args.out), "num_images": result.num_images, "num_shards": result.num_shards,
+                   "latent_shape": result.latent_shape, "status": done,
+                   **{k: result.statistics[k] for k in ("latent_mean", "latent_scale") if k in result.statistics}}
+        if args.json:
+            print(json.dumps(summary))
+        else:
+            print(f"{args.out}: {result.num_images} images in {result.num_shards} shards, latents "
+                  f"{tuple(result.latent_shape)}, {done}")
+            if "latent_mean" in summary:
+                print(f"latent_mean {summary['latent_mean']:.6g}  latent_scale {summary['latent_scale']:.6g}")
     return 0
