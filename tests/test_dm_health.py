@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from torch import nn
+from _nets import MLPVelocity
 
 from dmvae.dm_health import DMHealth, HealthThresholds
 from dmvae.dm_loss import DistributionMatchingLoss
@@ -26,20 +26,6 @@ def _tiny_dit(num_classes: int = 0, seed: int = 0):
             if p.requires_grad:
                 p.normal_(0.0, 0.2, generator=g)
     return net
-
-
-class MLPVelocity(nn.Module):
-    """A tiny unconditional velocity net v(x, t) for (B, D) inputs."""
-
-    num_classes = None
-
-    def __init__(self, dim: int = 2, hidden: int = 128) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim + 1, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, dim))
-
-    def forward(self, x, t, y=None):
-        return self.net(torch.cat([x, t[:, None].to(x.dtype)], dim=1))
 
 
 def _latents(n: int, seed: int, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
@@ -105,7 +91,7 @@ def test_measure_is_repeatable_and_touches_no_state():
 
 def test_prior_reference_reports_no_floor_and_measures_drift():
     real = GaussianPrior((16,))
-    dm = DistributionMatchingLoss(real, MLPVelocity(16))
+    dm = DistributionMatchingLoss(real, MLPVelocity(16, hidden=128))
     z1 = _latents(128, 0).flatten(1)
     health = DMHealth(dm, stage1=z1)
     assert any("not a health signal" in n for n in health.notes)

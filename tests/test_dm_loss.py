@@ -4,25 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _nets import MLPVelocity
 from torch import nn
 
-from dmvae.dm_loss import DistributionMatchingLoss, TRangeAnneal, paper_to_library_t_range
+from dmvae.dm_loss import (
+    DistributionMatchingLoss,
+    TRangeAnneal,
+    paper_to_library_t_range,
+)
 from dmvae.metrics.distribution import energy_distance
-from dmvae.priors import GaussianMixturePrior, GaussianPrior, LearnedPrior, fit_reference_model
-
-
-class MLPVelocity(nn.Module):
-    """A tiny unconditional velocity net v(x, t) for (B, D) inputs."""
-
-    num_classes = None
-
-    def __init__(self, dim: int = 2, hidden: int = 64) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim + 1, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                                 nn.Linear(hidden, dim))
-
-    def forward(self, x, t, y=None):
-        return self.net(torch.cat([x, t[:, None].to(x.dtype)], dim=1))
+from dmvae.priors import (
+    GaussianMixturePrior,
+    GaussianPrior,
+    LearnedPrior,
+    fit_reference_model,
+)
 
 
 def _fit(net, data, steps, lr=3e-3):
