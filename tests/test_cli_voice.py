@@ -106,12 +106,15 @@ def test_default_threads_follows_the_environment(monkeypatch, threads_restored) 
     assert default_threads() == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
     monkeypatch.setattr("dmvae.cli._common._usable_cpus", lambda: 16)
-    assert default_threads() == 8
+    assert default_threads() == 8  # capped
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert default_threads() == 2  # 16 CPUs shared by 4 local processes, half each
+    assert default_threads() == 4  # 16 CPUs shared by 4 local processes
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
     monkeypatch.setattr("dmvae.cli._common._usable_cpus", lambda: 2)
-    assert default_threads() == 1
-    assert apply_threads(None) == 1 and torch.get_num_threads() == 1
+    assert default_threads() == 1  # never below 1
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert default_threads() == 2  # the quiet 2-core measurement: 2 threads beat 1
+    assert apply_threads(None) == 2 and torch.get_num_threads() == 2
     with pytest.raises(ValueError, match="--threads"):
         apply_threads(0)
 

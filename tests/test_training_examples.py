@@ -197,8 +197,8 @@ def test_two_ddp_processes_match_one(ex, repo_root, stage, stage1, stage2, tmp_p
     vae = str(stage1[0] / "vae_ema")
     if stage == "stage1":  # the GAN (and its adaptive weight on the global batch) is on at step 1
         script, module = "train_tokenizer.py", ex.train_tokenizer.main
-        # each process at the default thread count (1 on 2 cores), as the ranks: TOK's --threads 2 is for
-        # the resume pairs, and 2 ranks x 2 threads on 2 cores round the critic's ratio differently (1.6e-3)
+        # every process at its default thread count (the ranks get OMP_NUM_THREADS=1): TOK's --threads 2 is
+        # for the resume pairs, and 2 ranks x 2 threads on 2 cores rounded the critic's ratio 1.6e-3 apart
         tok = [a for i, a in enumerate(TOK) if "--threads" not in TOK[max(i - 1, 0):i + 1]]
         common = ["--steps", "2", "--disc-start", "1", *GAN_DDP, *tok]
         files = ["vae/model.safetensors"]

@@ -205,20 +205,20 @@ def _usable_cpus() -> int:
 def default_threads() -> int:
     """torch CPU threads per process when ``--threads`` is not given.
 
-    ``$OMP_NUM_THREADS`` when set (torchrun sets 1 per process); otherwise half the usable CPUs,
-    shared by the local torchrun processes, at least 1 and at most 8. Why half: torch's own default
-    is every physical core, which on a busy machine over-subscribes it (measured on a busy 2-core VM,
-    issue 21: a 30-step stage-1 run took 106 s with torch's default and 21 s with 1 thread, Heun CFG
-    sampling 86 s vs 16 s); half leaves room for DataLoader workers and other jobs, gives 1 on a
-    2-vCPU machine and about the physical cores on SMT machines. The figures came from a loaded
-    machine; a measurement on a quiet one is still to be made.
+    ``$OMP_NUM_THREADS`` when set (torchrun sets 1 per process); otherwise the usable CPUs shared by
+    the local torchrun processes, at least 1 and at most 8. Measured on a quiet 2-core VM
+    (``benchmarks/threads.py``, docs/performance.md): 2 threads beat 1 by 1.30x on 20 steps of the
+    CPU stage 1 and by 1.69x on Heun CFG sampling. On a machine shared with other jobs fewer threads
+    win (issue 21 measured a busy 2-core VM: 106 s with 2 threads vs 21 s with 1 for a 30-step stage
+    1): pass ``--threads`` (or set ``OMP_NUM_THREADS``) there. The cap of 8 is a guard for large
+    shared hosts, not a measurement.
     """
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) >= 1:
         return int(env)
     local = os.environ.get("LOCAL_WORLD_SIZE", "1").strip()
     procs = int(local) if local.isdigit() and int(local) >= 1 else 1
-    return max(1, min(8, _usable_cpus() // (2 * procs)))
+    return max(1, min(8, _usable_cpus() // procs))
 
 
 def apply_threads(threads: int | None) -> int:
