@@ -190,7 +190,7 @@ def add_threads_arg(parser: argparse.ArgumentParser, *, default: int | None = No
     if any("--threads" in a.option_strings for a in parser._actions):
         return
     shown = f"default: {default}{why}" if default is not None else f"default: {default_threads()} on this machine, " \
-        "half the usable CPUs (1 to 8) or $OMP_NUM_THREADS"
+        "the usable CPUs (1 to 8) or $OMP_NUM_THREADS"
     parser.add_argument("--threads", type=int_range(1), default=default, metavar="N",
                         help=f"torch CPU threads per process ({shown})")
 
