@@ -37,7 +37,7 @@ from dmvae.integrations.diffusers.autoencoder import AutoencoderDMVAE
 from dmvae.integrations.diffusers.scheduler import DMVAEEulerScheduler
 from dmvae.integrations.diffusers.transformer import DMVAETransformer2DModel
 from dmvae.samplers import time_grid
-from dmvae.transport import _check_interval, apply_guidance
+from dmvae.transport import _check_interval, apply_guidance, guidance_null_label
 
 __all__ = ["DMVAEPipeline"]
 
@@ -181,13 +181,8 @@ class DMVAEPipeline(DiffusionPipeline):
         guidance_scale = float(guidance_scale)
         guided = guidance_scale != 1.0
         lo, hi = _check_interval(cfg_interval) if cfg_interval is not None else (0.0, 1.0)
-        if guided and transformer.null_class is None:
-            raise ValueError(
-                "guidance_scale != 1 needs a null class, and this transformer has none "
-                "(class_dropout_prob=0); use guidance_scale=1"
-            )
-        if guided:
-            labels_cfg = torch.cat([labels, torch.full_like(labels, transformer.null_class)])  # (2B,)
+        if guided:  # the one null-class check (a transformer built with class_dropout_prob=0 has none)
+            labels_cfg = torch.cat([labels, torch.full_like(labels, guidance_null_label(transformer))])  # (2B,)
 
         timesteps, model_times, sign = self._set_timesteps(num_inference_steps, device)
         times = model_times.tolist()  # on the host once: the interval test needs no sync per step
