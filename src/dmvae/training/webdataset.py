@@ -21,12 +21,12 @@ naming its shard and key.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import random
 import tarfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -84,12 +84,11 @@ def check_shards(shards: list[str]) -> None:
 
 
 def shard_digest(shards: list[str]) -> str:
-    """SHA-256 of the shard names and, for local files, their sizes (what a resume checks)."""
-    h = hashlib.sha256()
-    for u in shards:
-        size = os.path.getsize(u) if _is_local(u) and os.path.isfile(u) else -1
-        h.update(f"{u}\t{size}\n".encode())
-    return h.hexdigest()
+    """SHA-256 of the shard names and, for local files, their sizes (what a resume checks):
+    :func:`dmvae.training.data.file_list_digest` over the list."""
+    from dmvae.training.data import file_list_digest
+
+    return file_list_digest([Path(u) if _is_local(u) else u for u in shards])
 
 
 class _SamplesOrFail:
