@@ -21,6 +21,7 @@ from dmvae.cli._common import (
     check_weights_source,
     default_threads,
 )
+from dmvae._utils import eval_mode
 from dmvae.dist import DistInfo
 from dmvae.ema import EMA
 from dmvae.training import (
@@ -236,10 +237,8 @@ def held_out_psnr(vae: torch.nn.Module, x: torch.Tensor) -> tuple[float, torch.T
     from dmvae.image import to_uint8
     from dmvae.metrics import psnr
 
-    was_training = vae.training
-    vae.eval()
-    x_hat = vae(x).reconstruction.float()
-    vae.train(was_training)
+    with eval_mode(vae):
+        x_hat = vae(x).reconstruction.float()
     return float(psnr(to_uint8(x), to_uint8(x_hat)).mean()), x_hat
 
 
@@ -254,10 +253,8 @@ def held_out_fm_loss(dit: torch.nn.Module, z: torch.Tensor, y: torch.Tensor, see
     zz, yy = z.repeat(repeats, 1, 1, 1), y.repeat(repeats)
     t = fm.sample_time(zz.shape[0], generator=g, device=z.device)
     noise = torch.randn(zz.shape, generator=g, device=z.device)
-    was_training = dit.training
-    dit.eval()  # no label dropout
-    loss = fm.loss(dit, zz.float(), yy, t=t, noise=noise).loss
-    dit.train(was_training)
+    with eval_mode(dit):  # no label dropout
+        loss = fm.loss(dit, zz.float(), yy, t=t, noise=noise).loss
     return float(loss)
 
 

@@ -43,6 +43,7 @@ import torch
 
 from _train_utils import (_is_shards, add_data_args, add_run_args, adamw, check_source, fail, held_out, held_out_psnr,
                           load_lpips, make_loader, make_parser, maybe_compile, quality_line, resume_and_log, setup)
+from dmvae._utils import eval_mode
 from dmvae.autoencoder import DMVAE
 from dmvae.dit import LatentDiT
 from dmvae.dm_health import DMHealth
@@ -138,11 +139,8 @@ class StageHealth:
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        was_training = self.vae.training
-        self.vae.eval()
-        z = self.vae.encode(x, autocast=self.bf16).float()  # normalised latents
-        self.vae.train(was_training)
-        return z
+        with eval_mode(self.vae):
+            return self.vae.encode(x, autocast=self.bf16).float()  # normalised latents
 
     def measure(self) -> dict[str, float]:
         train = None if self.x_train is None else self.encode(self.x_train)

@@ -55,6 +55,7 @@ from _train_utils import (
     setup,
 )
 
+from dmvae._utils import eval_mode
 from dmvae.autoencoder import DMVAE
 from dmvae.dist import GlobalBatchRandom, local_rows, wrap_ddp
 from dmvae.dit import LatentDiT, LatentDiTConfig
@@ -205,10 +206,8 @@ def preview(dit: LatentDiT, vae: DMVAE, labels: torch.Tensor, num_steps: int, se
 
     g = torch.Generator(labels.device).manual_seed(seed)
     noise = torch.randn((labels.shape[0], *vae.latent_shape()), generator=g, device=labels.device)
-    was_training = dit.training
-    dit.eval()
-    z = sample(dit, noise, labels, num_steps=num_steps, method="euler")
-    dit.train(was_training)
+    with eval_mode(dit):
+        z = sample(dit, noise, labels, num_steps=num_steps, method="euler")
     return vae.decode(z, normalize=True)
 
 
