@@ -10,8 +10,8 @@ training budgets. See docs/experiments.md and ``dmvae.experiments``.
     python benchmarks/table1.py --data fashion-mnist:/usr/share/datasets/fashion-mnist --out runs/table1
     python benchmarks/table1.py --quick --data fashion-mnist:ROOT --out runs/table1_quick
 
-Times (estimated from measured stage costs, quiet 2-core CPU, --threads 2): --quick ~2-3 min; the
-full run (3 seeds) ~45-55 min (~70 min with --threads 1). --quick is a smoke run (shapes, files,
+Times (measured on a quiet 2-core CPU, --threads 2): the full run (3 seeds) 45.5 min; --quick ~2-3 min;
+--threads 1 or a busy machine takes longer. --quick is a smoke run (shapes, files,
 finite numbers): its budgets are far too small to pass the gates, and it is not expected to.
 
 Writes table1.json (``rows`` with ``gfd_curve``, ``gates``, ``settings``), table1.md, samples.png,

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 import dmvae
-from dmvae.cli import _in_flag_names, build_parser, main
+from dmvae.cli import _in_flag_names, _message, build_parser, main
 from dmvae.cli._common import HelpFormatter, LineStream, apply_threads, default_threads
 
 
@@ -145,6 +145,24 @@ def test_errors_name_flags_not_python_arguments(tmp_path, tiny_model, capsys) ->
     assert "weights=" not in _in_flag_names("pass its path (--inception PATH, weights=PATH or $DMVAE_X).")
     assert "--dit-config" in _in_flag_names("x.pt comes without a config.json: pass config= (a LatentDiTConfig, "
                                             "a dict or a preset name)")
+
+
+class _BadImages(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        raise ValueError(f"cannot read image {i}.png: expected RGB, got CMYK")
+
+
+def test_an_error_in_a_dataloader_worker_is_one_line() -> None:
+    loader = torch.utils.data.DataLoader(_BadImages(), num_workers=1)
+    with pytest.raises(ValueError) as info:
+        next(iter(loader))
+    assert "Original Traceback" in str(info.value)  # what torch hands over: the worker's whole traceback
+    assert _message(info.value) == ("cannot read image 0.png: expected RGB, got CMYK "
+                                    "(in DataLoader worker process 0)")
+    assert _message(ValueError("Caught nothing here")) == "Caught nothing here"  # other messages untouched
 
 
 def test_preset_lookup_is_the_registry_s_in_any_case(capsys) -> None:

@@ -24,6 +24,7 @@ from PIL import Image
 from dmvae.files import (
     MARKER_NAME,
     OutputReplaceError,
+    marker_tool,
     replace_output_dir,
     replace_refusal,
     write_marker,
@@ -121,6 +122,25 @@ def test_deleting_an_output_never_reaches_through_a_link(tmp_path: Path) -> None
     replace_output_dir(out, tool=TOOL)
     assert (precious / "photo.png").read_bytes() == b"irreplaceable"
     assert not any(p.name.startswith(".out.deleting-") for p in tmp_path.iterdir())
+
+
+def test_leftover_of_an_interrupted_replacement_is_swept_and_nothing_else(tmp_path: Path) -> None:
+    # a kill between the rename and the end of the deletion leaves ".out.deleting-<8 hex>"
+    leftover = tmp_path / ".out.deleting-0123abcd"
+    (leftover / "images").mkdir(parents=True)
+    (leftover / "images" / "a.png").write_bytes(b"half deleted")
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "photo.png").write_bytes(b"irreplaceable")
+    (tmp_path / ".out.deleting-feedbeef").symlink_to(precious, target_is_directory=True)  # a link: kept
+    (tmp_path / ".other.deleting-0123abcd").mkdir()  # another output's leftover: kept
+    (tmp_path / ".out.deleting-notahex!").mkdir()  # not our name pattern: kept
+    replace_output_dir(tmp_path / "out", tool=TOOL)
+    assert not leftover.exists()
+    assert (tmp_path / ".out.deleting-feedbeef").is_symlink()
+    assert (precious / "photo.png").read_bytes() == b"irreplaceable"
+    assert (tmp_path / ".other.deleting-0123abcd").is_dir() and (tmp_path / ".out.deleting-notahex!").is_dir()
+    assert marker_tool(tmp_path / "out") == TOOL
 
 
 def test_input_given_through_a_link_is_still_an_input(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ import re
 import tempfile
 import threading
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -38,6 +38,7 @@ __all__ = [
     "atomic_write",
     "atomic_write_bytes",
     "atomic_write_text",
+    "discard_dir",
     "file_sha256",
     "marker_tool",
     "read_json",
@@ -45,6 +46,7 @@ __all__ = [
     "read_safetensors_header",
     "read_state_dict_file",
     "read_torch_checkpoint",
+    "remove_tree",
     "replace_output_dir",
     "replace_refusal",
     "require_file",
@@ -360,14 +362,52 @@ def replace_refusal(path: PathLike, *, tool: str, inputs: Any = ()) -> str | Non
     return None
 
 
+def remove_tree(path: PathLike, *, on_step: Callable[[str], None] | None = None) -> None:
+    """Delete a directory tree file by file, never following a symbolic link (a link is removed
+    itself, never what it points to). ``on_step`` is called after each removal with ``"unlink"``
+    or ``"rmdir"`` (the fault-injection point of the kill trials)."""
+    step = on_step or (lambda _stage: None)
+    if os.path.islink(path):
+        os.unlink(path)
+        step("unlink")
+        return
+    for root, dirs, names in os.walk(path, topdown=False):
+        for name in names:
+            os.unlink(os.path.join(root, name))
+            step("unlink")
+        for name in dirs:
+            p = os.path.join(root, name)
+            os.unlink(p) if os.path.islink(p) else os.rmdir(p)
+    os.rmdir(path)
+    step("rmdir")
+
+
+def discard_dir(path: PathLike, trash_name: str, *, on_step: Callable[[str], None] | None = None) -> None:
+    """Rename-then-delete: make directory ``path`` invisible with one atomic rename to the hidden
+    sibling ``trash_name`` (made durable), then delete it with :func:`remove_tree`. A crash leaves
+    either the whole directory under its name or a leftover under ``trash_name``, never a
+    half-deleted directory under its name; ``on_step("discard-renamed")`` follows the rename."""
+    path = Path(path)
+    trash = path.parent / trash_name
+    os.rename(path, trash)
+    fsync_dir(path.parent)
+    if on_step is not None:
+        on_step("discard-renamed")
+    remove_tree(trash, on_step=on_step)
+
+
+def _deleting_name(path: Path) -> re.Pattern[str]:
+    return re.compile(rf"\.{re.escape(path.name)}\.deleting-[0-9a-f]{{8}}")
+
+
 def replace_output_dir(path: PathLike, *, tool: str, inputs: Any = ()) -> Path:
     """Make ``path`` a fresh, empty output directory of ``tool`` (with its marker).
 
     An existing ``path`` is deleted only under the rule of :func:`replace_refusal`, otherwise
-    :class:`OutputReplaceError` names the reason and the fix. Deletion is rename-then-delete: the
-    directory is first renamed to a hidden ``.<name>.deleting-*`` sibling, so a crash leaves no
-    half-deleted output under the output's name."""
-    import shutil
+    :class:`OutputReplaceError` names the reason and the fix. Deletion is rename-then-delete
+    (:func:`discard_dir`): the directory is first renamed to a hidden ``.<name>.deleting-*``
+    sibling, so a crash leaves no half-deleted output under the output's name; such leftovers of
+    an interrupted replacement (real directories, never links) are removed by the next call."""
     import uuid
 
     path = Path(path)
@@ -376,9 +416,12 @@ def replace_output_dir(path: PathLike, *, tool: str, inputs: Any = ()) -> Path:
         if why is not None:
             raise OutputReplaceError(f"refusing to replace {path}: {why}; choose another output directory "
                                      "or delete it yourself")
-        trash = path.parent / f".{path.name}.deleting-{uuid.uuid4().hex[:8]}"
-        os.rename(path, trash)
-        shutil.rmtree(trash)
+        discard_dir(path, f".{path.name}.deleting-{uuid.uuid4().hex[:8]}")
+    if path.parent.is_dir():
+        leftover = _deleting_name(path)
+        for p in path.parent.iterdir():
+            if leftover.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
+                remove_tree(p)
     path.mkdir(parents=True)
     write_marker(path, tool)
     return path

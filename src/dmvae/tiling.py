@@ -84,17 +84,18 @@ def tiled_decode(
     out = torch.zeros(b, 3, h * scale, w * scale, device=latents.device, dtype=torch.float32)
     weight = torch.zeros(1, 1, h * scale, w * scale, device=latents.device, dtype=torch.float32)
     po = overlap * scale
+    wxs = [_ramp(min(tile, w - x0) * scale, po, rise=x0 > 0, fall=x0 + tile < w, device=latents.device)
+           for x0 in xs]  # the column ramps, computed once for every row of tiles
     for y0 in ys:
         th = min(tile, h - y0)
         wy = _ramp(th * scale, po, rise=y0 > 0, fall=y0 + th < h, device=latents.device)
-        for x0 in xs:
+        for x0, wx in zip(xs, wxs):
             tw = min(tile, w - x0)
             ya, xa = max(0, y0 - context), max(0, x0 - context)
             window = latents[:, :, ya : min(h, y0 + th + context), xa : min(w, x0 + tw + context)]
             piece = decode(window).float()[  # (B, 3, th*s, tw*s) once the context is cut off
                 :, :, (y0 - ya) * scale : (y0 - ya + th) * scale, (x0 - xa) * scale : (x0 - xa + tw) * scale
             ]
-            wx = _ramp(tw * scale, po, rise=x0 > 0, fall=x0 + tw < w, device=latents.device)
             wgt = wy[:, None] * wx[None, :]
             ys_, xs_ = slice(y0 * scale, (y0 + th) * scale), slice(x0 * scale, (x0 + tw) * scale)
             out[:, :, ys_, xs_] += piece * wgt

@@ -104,8 +104,18 @@ def _run(args: argparse.Namespace) -> int:
 def _message(e: BaseException) -> str:
     if isinstance(e, OSError) and e.filename is not None and e.strerror:
         return f"{e.strerror}: {e.filename}"
-    text = str(e)
+    text = _unwrap_worker_error(str(e))
     return _in_flag_names(text) if text else type(e).__name__
+
+
+def _unwrap_worker_error(text: str) -> str:
+    """An error raised inside a DataLoader worker reaches the main process as the same type with
+    torch's whole worker traceback as its message; keep the original message and name the worker."""
+    import re
+
+    m = re.match(r"Caught (\w+) in DataLoader worker process (\d+)\.\nOriginal Traceback \(most recent call last\):\n"
+                 r".*^\1: (.*?)\s*\Z", text, re.DOTALL | re.MULTILINE)
+    return f"{m.group(3)} (in DataLoader worker process {m.group(2)})" if m else text
 
 
 #: The library's errors name Python arguments; on the command line the same advice names the flag.

@@ -52,9 +52,11 @@ from dmvae._utils import unwrap_model
 from dmvae.dist import barrier, get_rank, get_world_size, is_distributed
 from dmvae.files import (
     CheckpointError,
+    discard_dir,
     fsync_dir,
     read_safetensors,
     read_torch_checkpoint,
+    remove_tree,
     safetensors_bytes,
 )
 from dmvae.hub import check_state_dict
@@ -133,32 +135,14 @@ def _torch_save(obj: Any, path: Path, files: dict[str, Any] | None = None) -> No
 
 
 def _remove_tree(path: Path) -> None:
-    """Delete a directory tree file by file (never following a symbolic link), calling the fault
-    point after each removal). A link is removed itself, never what it points to."""
-    if os.path.islink(path):
-        os.unlink(path)
-        _fault_point("unlink")
-        return
-    for root, dirs, files in os.walk(path, topdown=False):
-        for name in files:
-            os.unlink(os.path.join(root, name))
-            _fault_point("unlink")
-        for name in dirs:
-            p = os.path.join(root, name)
-            os.unlink(p) if os.path.islink(p) else os.rmdir(p)
-    os.rmdir(path)
-    _fault_point("rmdir")
+    remove_tree(path, on_step=_fault_point)
 
 
 def _discard(directory: Path, p: Path) -> None:
     """Make step directory ``p`` invisible with one rename, then delete it (rename-then-delete)."""
     m = _STEP_RE.fullmatch(p.name) or _ASIDE_RE.fullmatch(p.name)
     step = int(m.group(1)) if m else 0
-    trash = directory / f".del-step_{step:08d}-{uuid.uuid4().hex[:8]}"
-    os.rename(p, trash)
-    fsync_dir(directory)
-    _fault_point("discard-renamed")
-    _remove_tree(trash)
+    discard_dir(p, f".del-step_{step:08d}-{uuid.uuid4().hex[:8]}", on_step=_fault_point)
 
 
 def _is_complete(path: Path) -> bool:

@@ -205,12 +205,12 @@ class MetricLogger:
         """Save a grid of float images (N, 3, H, W) in [-1, 1] as ``<out>/images/<name>_<step>.png``."""
         if not self.enabled:
             return None
-        from dmvae.image import make_grid, save_image_grid
+        from dmvae.image import make_grid, save_image
 
         x = torch.nan_to_num(images.detach().float().cpu()).clamp(-1, 1)
         nrow = nrow or max(1, int(math.ceil(math.sqrt(x.shape[0]))))
-        path = save_image_grid(x, self.out / "images" / f"{name}_{step:08d}.png", nrow)  # atomic
-        arr = make_grid(x, nrow) if self._tb is not None or self._wandb is not None else None
+        arr = make_grid(x, nrow)  # built once: the file, TensorBoard and W&B get the same grid
+        path = save_image(arr, self.out / "images" / f"{name}_{step:08d}.png")  # atomic
         if self._tb is not None:
             self._tb.add_image(name, torch.from_numpy(arr).permute(2, 0, 1), step)
         if self._wandb is not None:
