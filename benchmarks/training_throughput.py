@@ -2,9 +2,8 @@
 
     python benchmarks/training_throughput.py                 # everything, a few minutes on a CPU
     python benchmarks/training_throughput.py --sections data flops
-    python benchmarks/training_throughput.py --sections gpu  # on a CUDA machine
 
-Sections (``--sections``, default all but ``gpu`` on CPU-only machines):
+Sections (``--sections``, default all):
 
 * ``data``: images/s of the input pipeline alone on a generated folder of ``--num-images`` JPEGs at
   ImageNet-like size (500x375, cut from the scikit-image photos), with the reference train transform
@@ -17,9 +16,8 @@ Sections (``--sections``, default all but ``gpu`` on CPU-only machines):
 * ``flops``: the same ratio estimated from FLOP counts (``torch.utils.flop_counter``, meta tensors)
   at the release sizes: ``dmvae-l`` encoder + LatentDiT-XL/1, batch 256 (encoding one view per
   sample online; the cache reads it).
-* ``gpu`` (CUDA only): LatentDiT-XL/1 training steps/s in bf16 with ``torch.compile`` (fused AdamW),
-  ``dmvae-l`` encode / decode images/s, and model FLOP utilisation against the device's dense bf16
-  peak (``--peak-tflops`` overrides the built-in table). Target: >= 40 % MFU for XL/1 training.
+GPU figures (LatentDiT-XL/1 training MFU, ``dmvae-l`` encode / decode, SDE sampling) are
+``benchmarks/gpu.py``'s.
 
 Timings are medians of the measured steps after warm-up; ratios come from the same run. Run it on a
 quiet machine: other processes on the same cores change every figure.
@@ -31,7 +29,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,9 +36,6 @@ import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import peak_bf16_tflops  # noqa: E402  (the one device-peak table)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -205,83 +199,18 @@ def flop_counts(batch: int = 256) -> dict:
             "estimated_cache_vs_online": (enc + train) / train}
 
 
-# ------------------------------------------------------------------------------------------- gpu
-
-
-def bench_gpu(args: argparse.Namespace) -> dict:
-    from dmvae.autoencoder import DMVAE, DMVAEConfig
-    from dmvae.dit import LatentDiT, LatentDiTConfig
-    from dmvae.transport import FlowMatching
-
-    dev = torch.device("cuda")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    name = torch.cuda.get_device_name(dev)
-    peak = args.peak_tflops or peak_bf16_tflops(name)
-    flops = flop_counts(args.gpu_batch)
-    res: dict = {"device": name, "peak_bf16_tflops": peak, "batch": args.gpu_batch}
-
-    def timed(fn, iters: int, warmup: int) -> float:
-        for _ in range(warmup):
-            fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(iters):
-            t = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
-
-    dit = LatentDiT(LatentDiTConfig.from_preset("LightningDiT-XL/1")).to(dev).train()
-    if args.grad_checkpoint:
-        dit.enable_gradient_checkpointing()
-    dit.compile()
-    opt = torch.optim.AdamW(dit.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
-    fm, b = FlowMatching(), args.gpu_batch
-    z = torch.randn(b, 32, 16, 16, device=dev)
-    y = torch.randint(0, 1000, (b,), device=dev)
-
-    def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = fm.loss(dit, z, y).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    sec = timed(step, args.gpu_iters, 5)
-    res["dit_xl1_train_steps_per_s"] = 1 / sec
-    res["dit_xl1_train_mfu"] = flops["dit_xl1_train_gflops_per_sample"] * 1e9 * b / sec / (peak * 1e12) if peak else None
-    del dit, opt
-    torch.cuda.empty_cache()
-
-    vae = DMVAE(DMVAEConfig.from_preset("dmvae-l")).to(dev).eval()
-    x = torch.rand(args.gpu_vae_batch, 3, 256, 256, device=dev) * 2 - 1
-    with torch.no_grad():
-        sec = timed(lambda: vae.encode(x, autocast=True), args.gpu_iters, 3)
-        res["dmvae_l_encode_images_per_s"] = args.gpu_vae_batch / sec
-        lat = vae.encode(x, autocast=True)
-        sec = timed(lambda: vae.decode(lat, autocast=True), args.gpu_iters, 3)
-        res["dmvae_l_decode_images_per_s"] = args.gpu_vae_batch / sec
-    return res
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--sections", nargs="+", default=None, choices=["data", "stages", "cache", "flops", "gpu"])
+    p.add_argument("--sections", nargs="+", default=None, choices=["data", "stages", "cache", "flops"])
     p.add_argument("--workdir", default=None, help="keep generated data and runs here (default: a temp dir)")
     p.add_argument("--num-images", type=int, default=1000, help="JPEGs in the generated folder")
     p.add_argument("--image-size", type=int, default=256, help="crop size of the data section")
     p.add_argument("--data-batch", type=int, default=32)
     p.add_argument("--data-batches", type=int, default=8, help="measured batches per data configuration")
     p.add_argument("--steps", type=int, default=12, help="steps per stage run (first 2 not timed; >= 4)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="device dense bf16 peak for MFU")
-    p.add_argument("--gpu-batch", type=int, default=256)
-    p.add_argument("--gpu-vae-batch", type=int, default=64)
-    p.add_argument("--gpu-iters", type=int, default=10)
-    p.add_argument("--grad-checkpoint", action="store_true", help="XL/1 with activation checkpointing")
     args = p.parse_args()
     args.steps = max(args.steps, 4)
-    sections = args.sections or ["data", "stages", "cache", "flops"] + (["gpu"] if torch.cuda.is_available() else [])
+    sections = args.sections or ["data", "stages", "cache", "flops"]
     result: dict = {"torch": torch.__version__, "python": platform.python_version(), "cpu": platform.processor(),
                     "cpu_count": os.cpu_count(), "cuda": torch.cuda.is_available()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -297,8 +226,6 @@ def main() -> None:
                 result["stage5_cache"] = bench_cache(args, work)
             elif name == "flops":
                 result["release_flops"] = flop_counts()
-            elif name == "gpu":
-                result["gpu"] = bench_gpu(args) if torch.cuda.is_available() else "no CUDA device"
             result.setdefault("section_seconds", {})[name] = round(time.perf_counter() - t, 1)
     print(json.dumps(result, indent=1))
 
