@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from dmvae.cli._common import _usable_cpus
+
 ROOT = Path(__file__).resolve().parents[1]
 
 _SAMPLE = """
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=20, help="stage-1 steps")
     ap.add_argument("--dry-run", action="store_true", help="2 steps, 1 thread, no timing claims (for tests)")
     args = ap.parse_args(argv)
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    usable = _usable_cpus()  # the count default_threads() divides among local processes
     counts = [1] if args.dry_run else (args.threads or sorted({1, usable}))
     steps = 2 if args.dry_run else args.steps
     seconds: dict[str, dict[str, float]] = {"stage1": {}, "sample": {}}

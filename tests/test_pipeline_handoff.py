@@ -10,8 +10,8 @@ final preview image and its one-line quality figure.
 
 from __future__ import annotations
 
-import json
 import functools
+import json
 import re
 import shlex
 from pathlib import Path

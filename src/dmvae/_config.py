@@ -35,7 +35,6 @@ __all__ = ["ConfigMixin", "resolve_config"]
 T = TypeVar("T")
 
 
-
 def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 

@@ -134,10 +134,6 @@ def _torch_save(obj: Any, path: Path, files: dict[str, Any] | None = None) -> No
     _write_synced(path, buf.getvalue(), files)
 
 
-def _remove_tree(path: Path) -> None:
-    remove_tree(path, on_step=_fault_point)
-
-
 def _discard(directory: Path, p: Path) -> None:
     """Make step directory ``p`` invisible with one rename, then delete it (rename-then-delete)."""
     m = _STEP_RE.fullmatch(p.name) or _ASIDE_RE.fullmatch(p.name)
@@ -299,7 +295,7 @@ def save_checkpoint(
             if p.is_symlink() or not p.is_dir():
                 continue
             if p.name.startswith(".tmp-step_") or _DELETING_RE.fullmatch(p.name):
-                _remove_tree(p)
+                remove_tree(p, on_step=_fault_point)
             elif (m := _ASIDE_RE.fullmatch(p.name)) and _is_complete(directory / f"step_{int(m.group(1)):08d}"):
                 _discard(directory, p)
         if keep_last is not None:
